@@ -1,0 +1,469 @@
+"""The lab: hosts (network namespaces on one bridge) in a kernel with real IPsec, each with
+its own strongSwan charon when IKE is asked for, or manually keyed SAs.
+
+    with Kernel.start() as kernel, Lab(kernel) as lab:
+        alice, bob = lab.add_host("alice"), lab.add_host("bob")
+        link = lab.ike("alice", "bob", auth="cert")
+        server = lab.spawn("bob", ["python3", "-m", "ipsecchan.lab.echo", "serve", ...])
+
+Everything the lab makes is named with a per-lab prefix, lives in the lab kernel's tmpfs,
+and is removed by close(), which then checks that nothing is left.
+"""
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipsecchan.lab import pki, swan
+from ipsecchan.lab.errors import LabError
+from ipsecchan.lab.kernel import Kernel
+from ipsecchan.lab.rpc import RemoteError
+from ipsecchan.lab.xfrmstate import XfrmState, parse_xfrm_states
+
+HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+NET4 = ipaddress.ip_network("10.0.0.0/24")
+NET6 = ipaddress.ip_network("fd00::/64")
+CHILD = "transport"
+CHARON_START_TIMEOUT = 20.0
+IKE_TIMEOUT = 20.0
+
+_lab_ids = itertools.count(1)
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    rc: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    def check(self) -> "Result":
+        if self.rc != 0:
+            raise LabError(f"{' '.join(self.argv)} failed (exit status {self.rc}): "
+                           f"{self.stderr.decode('utf-8', 'replace').strip()}")
+        return self
+
+
+@dataclass
+class Host:
+    name: str
+    netns: str
+    index: int
+    addr4: str
+    addr6: str
+    identity: pki.Identity
+    dir: str                      # relative to the agent's state folder
+    charon: "Process | None" = None
+    connections: dict[str, dict] = field(default_factory=dict)
+    secrets: dict[str, dict] = field(default_factory=dict)
+
+    def addr(self, family: int) -> str:
+        if family not in (4, 6):
+            raise LabError(f"family must be 4 or 6, not {family!r}")
+        return self.addr4 if family == 4 else self.addr6
+
+
+class Process:
+    """A background process on a lab host."""
+
+    def __init__(self, lab: "Lab", host: str | None, argv: list[str], handle: int):
+        self._lab, self.host, self.argv, self.handle = lab, host, argv, handle
+        self.result: Result | None = None
+
+    def output(self) -> Result:
+        r = self._lab.kernel.call("output", handle=self.handle)
+        return Result(self.argv, r["rc"], r["stdout"], r["stderr"])
+
+    def running(self) -> bool:
+        return self.result is None and self.output().rc is None
+
+    def wait(self, timeout: float = 60) -> Result:
+        if self.result is None:
+            try:
+                r = self._lab.kernel.call("wait", rpc_timeout=timeout + 10, handle=self.handle,
+                                          timeout=timeout)
+            except RemoteError as exc:
+                raise LabError(f"{' '.join(self.argv)} on {self.host}: {exc}") from None
+            self.result = Result(self.argv, r["rc"], r["stdout"], r["stderr"])
+        return self.result
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5) -> Result:
+        """Signal the process; SIGKILL if it has not ended after `timeout`."""
+        if self.result is None:
+            self._lab.kernel.call("signal", handle=self.handle, sig=int(sig))
+            try:
+                return self.wait(timeout)
+            except LabError:
+                self._lab.kernel.call("signal", handle=self.handle, sig=int(signal.SIGKILL))
+                return self.wait(timeout)
+        return self.result
+
+
+@dataclass(frozen=True)
+class IkeLink:
+    """An IKEv2 transport-mode CHILD_SA between two hosts (initiated by `a`)."""
+
+    a: str
+    b: str
+    conn: str
+    child: str
+    auth: str
+    family: int
+    a_id: str
+    b_id: str
+
+
+@dataclass(frozen=True)
+class StaticLink:
+    """A manually keyed pair of SAs (and their policies) between two hosts."""
+
+    a: str
+    b: str
+    family: int
+    proto: str
+    spi_ab: int
+    spi_ba: int
+    reqid: int
+
+
+class Lab:
+    def __init__(self, kernel: Kernel, name: str | None = None):
+        self.kernel = kernel
+        self.prefix = name or f"ipc{next(_lab_ids)}"
+        if not HOST_NAME.match(self.prefix):
+            raise LabError(f"bad lab name {self.prefix!r}")
+        self.hosts: dict[str, Host] = {}
+        self.procs: list[Process] = []
+        self._reqids = itertools.count(1000)    # away from the reqids strongSwan hands out
+        self.hub = f"{self.prefix}-hub"
+        self.dir = f"labs/{self.prefix}"
+        self._closed = False
+        self._batch(None, [f"netns add {self.hub}"])
+        try:
+            self._batch(self.hub, ["link add br0 type bridge stp_state 0 mcast_snooping 0",
+                                   "link set br0 up"])
+        except LabError:
+            self.close()
+            raise
+
+    # -- commands ---------------------------------------------------------------------------
+    def _netns(self, host: str | None) -> str | None:
+        return None if host is None else self.host(host).netns
+
+    def run(self, host: str | None, argv: list[str], *, input: bytes | None = None,
+            timeout: float = 60, env: dict[str, str] | None = None,
+            check: bool = False) -> Result:
+        """Run a command on `host` (None: the lab kernel's own namespace) and wait for it."""
+        r = self.kernel.call("run", rpc_timeout=timeout + 10, argv=list(argv),
+                             netns=self._netns(host), input=input, timeout=timeout, env=env)
+        res = Result(list(argv), r["rc"], r["stdout"], r["stderr"])
+        return res.check() if check else res
+
+    def python(self, host: str | None, code: str, *args: str, **kw: Any) -> Result:
+        """Run a Python script (source text) on `host` with the lab kernel's interpreter."""
+        return self.run(host, [self.kernel.python, "-c", code, *args], **kw)
+
+    def spawn(self, host: str | None, argv: list[str],
+              env: dict[str, str] | None = None) -> Process:
+        """Start a background process on `host` (a server, a daemon)."""
+        handle = self.kernel.call("spawn", argv=list(argv), netns=self._netns(host), env=env)
+        proc = Process(self, host, list(argv), handle)
+        self.procs.append(proc)
+        return proc
+
+    def _batch(self, netns: str | None, lines: list[str]) -> None:
+        argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+        r = self.run(None, argv, input="".join(f"{line}\n" for line in lines).encode())
+        if r.rc != 0:
+            raise LabError(f"ip {'-n ' + netns + ' ' if netns else ''}failed: "
+                           f"{(r.stderr or r.stdout).decode('utf-8', 'replace').strip()}")
+
+    # -- hosts ------------------------------------------------------------------------------
+    def host(self, name: str) -> Host:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            known = ", ".join(self.hosts) or "none yet"
+            raise LabError(f"no host {name!r} in this lab (hosts: {known})") from None
+
+    def add_host(self, name: str, *, addr4: str | None = None,
+                 addr6: str | None = None) -> Host:
+        if not HOST_NAME.match(name or ""):
+            raise LabError(f"bad host name {name!r}: a lower-case letter, then up to 11 "
+                           "letters or digits")
+        if name in self.hosts:
+            raise LabError(f"host {name!r} already exists")
+        index = len(self.hosts) + 1
+        a4 = ipaddress.ip_address(addr4 or NET4[index])
+        a6 = ipaddress.ip_address(addr6 or NET6[index])
+        if a4 not in NET4 or a6 not in NET6:
+            raise LabError(f"addresses must lie in {NET4} and {NET6}")
+        host = Host(name=name, netns=f"{self.prefix}-{name}", index=index, addr4=str(a4),
+                    addr6=str(a6), identity=pki.make_identity(name),
+                    dir=f"{self.dir}/{name}")
+        port = f"{self.prefix}h{index}"
+        # `netns add` must run in the lab kernel's own mount namespace (`ip -n` leaves it).
+        self._batch(None, [
+            f"netns add {host.netns}",
+            f"link add {port} netns {self.hub} type veth peer name eth0 netns {host.netns}",
+        ])
+        self._batch(self.hub, [f"link set {port} master br0 up"])
+        self.hosts[name] = host
+        self._batch(host.netns, [
+            "link set lo up",
+            f"addr add {a4}/{NET4.prefixlen} dev eth0",
+            f"addr add {a6}/{NET6.prefixlen} dev eth0 nodad",
+            "link set eth0 up",
+        ])
+        return host
+
+    # -- strongSwan -------------------------------------------------------------------------
+    def vici_socket(self, name: str) -> str:
+        return f"{self.kernel.state_dir}/{self.host(name).dir}/run/charon.vici"
+
+    def vici(self, host: str, command: str, args: dict | None = None,
+             timeout: float = 30) -> Any:
+        """A VICI command to `host`'s charon (e.g. "list-sas"); streamed answers as a list."""
+        if self.host(host).charon is None:
+            raise LabError(f"no charon runs on {host}")
+        try:
+            return self.kernel.call("vici", rpc_timeout=timeout + 10,
+                                    socket_path=self.vici_socket(host), command=command,
+                                    args=args, timeout=timeout)
+        except RemoteError as exc:
+            raise LabError(f"{host}: {exc.remote_message}") from None
+
+    def start_charon(self, *names: str, plugins: str = swan.CHARON_PLUGINS) -> None:
+        """Start charon on each named host (together) and wait for their VICI sockets."""
+        started = []
+        for name in names:
+            host = self.host(name)
+            if host.charon is not None:
+                continue
+            base = f"{self.kernel.state_dir}/{host.dir}"
+            conf = self.kernel.call("write_file", path=f"{host.dir}/strongswan.conf",
+                                    data=swan.strongswan_conf(f"{base}/run/charon.vici",
+                                                              f"{base}/charon.log",
+                                                              plugins).encode())
+            self.kernel.call("write_file", path=f"{host.dir}/run/.keep", data=b"")
+            # charon's pid file is compiled in as /var/run/charon.pid: in the mount namespace
+            # `ip netns exec` gives it, a tmpfs on /var with /var/run -> our folder keeps two
+            # charons apart (and off the host's /var).
+            host.charon = self.spawn(name, [
+                "sh", "-c", 'mount -t tmpfs ipsecchan-var /var && ln -s "$0" /var/run && '
+                            'exec "$1"', f"{base}/run", swan.CHARON],
+                env={"STRONGSWAN_CONF": conf})
+            started.append(host)
+        for host in started:
+            ok = self.kernel.call("wait_socket", rpc_timeout=CHARON_START_TIMEOUT + 10,
+                                  path=self.vici_socket(host.name),
+                                  timeout=CHARON_START_TIMEOUT, handle=host.charon.handle)
+            if not ok:
+                out = host.charon.output()
+                log = self.charon_log(host.name)
+                how = (f"exited with status {out.rc}" if out.rc is not None else
+                       f"did not open its VICI socket within {CHARON_START_TIMEOUT} s")
+                host.charon.stop(signal.SIGKILL)
+                host.charon = None
+                raise LabError(f"charon on {host.name} {how}\n"
+                               f"--- output ---\n{(out.stdout + out.stderr).decode(errors='replace')}"
+                               f"--- log ---\n{log}")
+
+    def charon_log(self, name: str, lines: int = 60) -> str:
+        try:
+            text = self.kernel.call("read_file", path=f"{self.host(name).dir}/charon.log")
+        except RemoteError:
+            return "(no log)"
+        return "\n".join(text.decode("utf-8", "replace").splitlines()[-lines:])
+
+    def _load_swanctl(self, name: str) -> None:
+        host = self.host(name)
+        tree = {"connections": host.connections, "secrets": host.secrets}
+        path = self.kernel.call("write_file", path=f"{host.dir}/swanctl/swanctl.conf",
+                                data=swan.settings_text(tree).encode(), mode=0o600)
+        r = self.run(None, [swan.SWANCTL, "--load-all", "--noprompt", "--file", path,
+                            "--uri", f"unix://{self.vici_socket(name)}"],
+                     env={"STRONGSWAN_CONF": f"{self.kernel.state_dir}/{host.dir}/strongswan.conf"})
+        if r.rc != 0:
+            raise LabError(f"{name}: swanctl rejected the configuration:\n"
+                           f"{(r.stdout + r.stderr).decode('utf-8', 'replace').strip()}")
+
+    def _put_credentials(self, host: Host, auth: str, peer: Host) -> tuple[str, str]:
+        """Write the credentials `auth` needs into host's swanctl folder; returns the IDs."""
+        d = f"{host.dir}/swanctl"
+        me, other = host.identity, peer.identity
+        if auth == "cert":
+            self.kernel.call("write_file", path=f"{d}/x509/{me.name}.crt", data=me.cert_pem)
+            self.kernel.call("write_file", path=f"{d}/x509/{other.name}.crt", data=other.cert_pem)
+            self.kernel.call("write_file", path=f"{d}/private/{me.name}.key", data=me.key_pem,
+                             mode=0o600)
+            return me.dn, other.dn
+        if auth == "rpk":
+            self.kernel.call("write_file", path=f"{d}/pubkey/{me.name}.pub", data=me.pubkey_pem)
+            self.kernel.call("write_file", path=f"{d}/pubkey/{other.name}.pub",
+                             data=other.pubkey_pem)
+            self.kernel.call("write_file", path=f"{d}/private/{me.name}.key", data=me.key_pem,
+                             mode=0o600)
+            return me.fqdn, other.fqdn
+        if auth == "psk":
+            return me.fqdn, other.fqdn
+        raise LabError(f"unknown auth {auth!r}: cert, rpk or psk")
+
+    def ike(self, a: str, b: str, *, auth: str = "cert", family: int = 4,
+            child_options: dict[str, Any] | None = None,
+            ike_options: dict[str, Any] | None = None, initiate: bool = True) -> IkeLink:
+        """Configure IKEv2 between a and b (both ends), and bring the CHILD_SA up from a."""
+        ha, hb = self.host(a), self.host(b)
+        if ha is hb:
+            raise LabError("an IKE link needs two different hosts")
+        if auth not in ("cert", "rpk", "psk"):
+            raise LabError(f"unknown auth {auth!r}: cert, rpk or psk")
+        conn = f"{a}-{b}-v{family}"
+        self.start_charon(a, b)
+        psk = pki.make_psk()
+        ids = {}
+        for me, peer in ((ha, hb), (hb, ha)):
+            local_id, remote_id = self._put_credentials(me, auth, peer)
+            ids[me.name] = local_id
+            suffix = {"cert": ".crt", "rpk": ".pub", "psk": None}[auth]
+            me.connections[conn] = swan.connection(
+                me.addr(family), peer.addr(family),
+                swan.auth_section(auth, local_id, suffix and me.name + suffix),
+                swan.auth_section(auth, remote_id, suffix and peer.name + suffix),
+                CHILD, child_options, ike_options)
+            if auth == "psk":
+                me.secrets[f"ike-{conn}"] = {"id-1": local_id, "id-2": remote_id,
+                                             "secret": "0x" + psk.hex()}
+            self._load_swanctl(me.name)
+        link = IkeLink(a, b, conn, CHILD, auth, family, ids[a], ids[b])
+        if initiate:
+            self.initiate(link)
+        return link
+
+    def initiate(self, link: IkeLink) -> None:
+        try:
+            self.vici(link.a, "initiate", {"ike": link.conn, "child": link.child,
+                                           "timeout": int(IKE_TIMEOUT * 1000)},
+                      timeout=IKE_TIMEOUT + 5)
+        except LabError as exc:
+            raise LabError(f"IKE {link.a} -> {link.b} ({link.auth}, IPv{link.family}) failed: "
+                           f"{exc}\n--- charon log {link.a} ---\n{self.charon_log(link.a, 25)}"
+                           f"\n--- charon log {link.b} ---\n{self.charon_log(link.b, 25)}"
+                           ) from None
+        for name in (link.a, link.b):
+            if not self.child_sas(name, link.conn):
+                raise LabError(f"IKE {link.a} -> {link.b}: no CHILD_SA installed on {name}\n"
+                               f"{self.charon_log(name, 25)}")
+
+    def ike_sas(self, host: str, conn: str | None = None) -> list[dict]:
+        """The IKE_SAs charon on `host` reports (VICI list-sas), each with its name."""
+        out = []
+        for item in self.vici(host, "list-sas", {"ike": conn} if conn else {}):
+            for name, ike in item.items():
+                out.append({"name": name, **ike})
+        return out
+
+    def child_sas(self, host: str, conn: str | None = None) -> list[dict]:
+        """Installed CHILD_SAs on `host`, each with its IKE_SA's IDs."""
+        out = []
+        for ike in self.ike_sas(host, conn):
+            for child in (ike.get("child-sas") or {}).values():
+                if child.get("state") == "INSTALLED":
+                    out.append({**child, "ike": ike["name"], "local-id": ike.get("local-id"),
+                                "remote-id": ike.get("remote-id")})
+        return out
+
+    # -- manual keying ----------------------------------------------------------------------
+    def static_sa(self, a: str, b: str, *, family: int = 4) -> StaticLink:
+        """Install a manually keyed ESP transport SA pair and policies between a and b
+        (AES-GCM-128, random keys and SPIs), on both hosts, with no IKE daemon."""
+        ha, hb = self.host(a), self.host(b)
+        if ha is hb:
+            raise LabError("a static link needs two different hosts")
+        reqid = next(self._reqids)
+        spi_ab, spi_ba = (0x10000 + secrets.randbelow(0x7FFF0000) for _ in range(2))
+        key_ab, key_ba = (secrets.token_bytes(20).hex() for _ in range(2))  # key + 4-byte salt
+        src, dst = ha.addr(family), hb.addr(family)
+        states = [
+            f"xfrm state add src {src} dst {dst} proto esp spi {spi_ab:#x} reqid {reqid} "
+            f"mode transport aead 'rfc4106(gcm(aes))' 0x{key_ab} 128",
+            f"xfrm state add src {dst} dst {src} proto esp spi {spi_ba:#x} reqid {reqid} "
+            f"mode transport aead 'rfc4106(gcm(aes))' 0x{key_ba} 128",
+        ]
+        for me, peer in ((ha, hb), (hb, ha)):
+            mine, theirs = me.addr(family), peer.addr(family)
+            tmpl = "proto esp reqid {} mode transport".format(reqid)
+            self._batch(me.netns, states + [
+                f"xfrm policy add src {mine} dst {theirs} dir out "
+                f"tmpl src {mine} dst {theirs} {tmpl}",
+                f"xfrm policy add src {theirs} dst {mine} dir in "
+                f"tmpl src {theirs} dst {mine} {tmpl}",
+            ])
+        return StaticLink(a, b, family, "esp", spi_ab, spi_ba, reqid)
+
+    # -- the kernel's view, read with iproute2 (independent of ipsecchan's own XFRM code) ---
+    def xfrm_states(self, host: str) -> list[XfrmState]:
+        return parse_xfrm_states(self.run(host, ["ip", "-s", "xfrm", "state"], check=True).text)
+
+    # -- tear-down --------------------------------------------------------------------------
+    def namespaces(self) -> list[str]:
+        """This lab's network namespaces that exist in the kernel now."""
+        r = self.run(None, ["ip", "netns", "list"], check=True)
+        names = [line.split()[0] for line in r.text.splitlines() if line.strip()]
+        return [n for n in names if n.startswith(self.prefix + "-")]
+
+    def leftovers(self) -> list[str]:
+        """What of this lab still exists in the kernel (namespaces, processes, files)."""
+        left = [f"namespace {n}" for n in self.namespaces()]
+        left += [f"process {' '.join(p.argv)}" for p in self.procs if p.running()]
+        r = self.run(None, ["ls", "-A", f"{self.kernel.state_dir}/labs"])
+        left += [f"file {self.kernel.state_dir}/labs/{f}" for f in r.text.split()
+                 if f == self.prefix]
+        return left
+
+    def close(self) -> None:
+        """Stop every process, delete every namespace and file of this lab, then check."""
+        if self._closed or not self.kernel.alive:
+            self._closed = True
+            return
+        self._closed = True
+        errors = []
+        for proc in reversed(self.procs):
+            try:
+                proc.stop(timeout=3)
+                self.kernel.call("forget", handle=proc.handle)
+            except Exception as exc:   # keep tearing down; report at the end
+                errors.append(f"stopping {' '.join(proc.argv)}: {exc}")
+        for ns in self.namespaces():
+            # Anything still inside (a process started by hand in the namespace) is killed.
+            pids = self.run(None, ["ip", "netns", "pids", ns]).text.split()
+            if pids:
+                self.run(None, ["kill", "-9", *pids])
+            r = self.run(None, ["ip", "netns", "del", ns])
+            if r.rc != 0:
+                errors.append(f"deleting namespace {ns}: {r.stderr.decode(errors='replace')}")
+        try:
+            self.kernel.call("remove", path=self.dir)
+        except RemoteError as exc:
+            errors.append(f"removing {self.dir}: {exc}")
+        deadline = time.monotonic() + 5
+        while (left := self.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if left or errors:
+            raise LabError("lab tear-down incomplete: " + "; ".join(errors + left))
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
