@@ -411,6 +411,23 @@ class Lab:
             ])
         return StaticLink(a, b, family, "esp", spi_ab, spi_ba, reqid)
 
+    # -- traffic ----------------------------------------------------------------------------
+    def tcp_exchange(self, client: str, server: str, *, family: int = 4, port: int = 5000,
+                     count: int = 20, timeout: float = 60) -> tuple[Result, Result]:
+        """TCP from client to server: `count` checked round trips of ~1 KB (ipsecchan.lab.echo)."""
+        addr = self.host(server).addr(family)
+        echo = [self.kernel.python, "-m", "ipsecchan.lab.echo"]
+        srv = self.spawn(server, [*echo, "serve", addr, str(port)])
+        try:
+            cli = self.run(client, [*echo, "client", addr, str(port), str(count)],
+                           timeout=timeout)
+            if cli.rc != 0:
+                srv.stop()
+                cli.check()
+            return cli, srv.wait(timeout).check()
+        finally:
+            srv.stop()
+
     # -- the kernel's view, read with iproute2 (independent of ipsecchan's own XFRM code) ---
     def xfrm_states(self, host: str) -> list[XfrmState]:
         return parse_xfrm_states(self.run(host, ["ip", "-s", "xfrm", "state"], check=True).text)

@@ -1,0 +1,5 @@
+import sys
+
+from ipsecchan.cli import main
+
+sys.exit(main())
