@@ -286,7 +286,9 @@ class Lab:
             return "(no log)"
         return "\n".join(text.decode("utf-8", "replace").splitlines()[-lines:])
 
-    def _load_swanctl(self, name: str) -> None:
+    def load_swanctl(self, name: str) -> None:
+        """(Re)load host's connections and secrets (host.connections, host.secrets) into its
+        charon with swanctl --load-all; swanctl's complaint becomes a LabError."""
         host = self.host(name)
         tree = {"connections": host.connections, "secrets": host.secrets}
         path = self.kernel.call("write_file", path=f"{host.dir}/swanctl/swanctl.conf",
@@ -344,7 +346,7 @@ class Lab:
             if auth == "psk":
                 me.secrets[f"ike-{conn}"] = {"id-1": local_id, "id-2": remote_id,
                                              "secret": "0x" + psk.hex()}
-            self._load_swanctl(me.name)
+            self.load_swanctl(me.name)
         link = IkeLink(a, b, conn, CHILD, auth, family, ids[a], ids[b])
         if initiate:
             self.initiate(link)
