@@ -196,8 +196,13 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
         pass
+    # UML's helper processes live in this group; a traced one takes a moment to die.
+    deadline = time.monotonic() + 5
     try:
-        os.killpg(proc.pid, signal.SIGKILL)   # UML's helper processes live in this group
+        os.killpg(proc.pid, signal.SIGKILL)
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            os.killpg(proc.pid, 0)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
