@@ -1,0 +1,240 @@
+"""XFRM netlink messages decoded into plain records.
+
+Fixed parts are read through cffi casts of the kernel's own structures (layouts fixed by the
+compiler from <linux/xfrm.h>, csrc/build_native.py); attributes are walked by the
+bounds-checked C walker. No key material is kept: only algorithm names and key sizes.
+
+pyroute2 declares no XFRM messages (only the NETLINK_XFRM number), hence this module.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from dataclasses import dataclass
+
+from ipsecchan._native import ffi, lib
+from ipsecchan.netlink import NetlinkFormatError, split_attributes
+
+PROTO_NAMES = {socket.IPPROTO_ESP: "esp", socket.IPPROTO_AH: "ah", 108: "comp"}
+MODE_NAMES = {0: "transport", 1: "tunnel", 2: "ro", 3: "in_trigger", 4: "beet"}
+# Directions as dumps show them: per-socket policies appear as dir + XFRM_POLICY_MAX (3).
+DIR_NAMES = {0: "in", 1: "out", 2: "fwd", 3: "in-socket", 4: "out-socket", 5: "fwd-socket"}
+ACTION_NAMES = {lib.XFRM_POLICY_ALLOW: "allow", lib.XFRM_POLICY_BLOCK: "block"}
+
+
+class XfrmDecodeError(ValueError):
+    """A message whose fixed part or an attribute is too short for what it must hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    family: int
+    src: str
+    dst: str
+    prefixlen_s: int
+    prefixlen_d: int
+    proto: int        # L4 protocol, 0 = any
+    sport: int
+    sport_mask: int
+    dport: int
+    dport_mask: int
+    ifindex: int
+
+
+@dataclass(frozen=True, slots=True)
+class Algorithm:
+    kind: str         # "aead", "crypt", "auth", "auth_trunc", "comp"
+    name: str         # the kernel's crypto name, e.g. "rfc4106(gcm(aes))"
+    key_bits: int     # includes the salt/nonce bits the kernel counts in the key (AEAD)
+    icv_bits: int = 0  # AEAD ICV length, or truncated auth length; 0 when not applicable
+
+
+@dataclass(frozen=True, slots=True)
+class Encap:
+    type: int         # UDP_ENCAP_ESPINUDP = 2
+    sport: int
+    dport: int
+    oa: str
+
+
+@dataclass(frozen=True, slots=True)
+class SA:
+    src: str
+    dst: str
+    family: int
+    proto: str
+    spi: int
+    reqid: int
+    mode: str
+    flags: int
+    replay_window: int
+    selector: Selector
+    bytes: int
+    packets: int
+    add_time: int
+    use_time: int
+    algorithms: tuple[Algorithm, ...]
+    encap: Encap | None
+    mark: tuple[int, int] | None
+    if_id: int | None
+    esn: bool
+    sec_ctx: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    family: int
+    src: str
+    dst: str
+    proto: str
+    spi: int          # 0 = any SA of the template
+    reqid: int        # 0 = any
+    mode: str
+    optional: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    dir: str
+    action: str
+    priority: int
+    index: int
+    selector: Selector
+    templates: tuple[Template, ...]
+    mark: tuple[int, int] | None
+    if_id: int | None
+    sec_ctx: str | None
+
+    @property
+    def per_socket(self) -> bool:
+        return self.dir.endswith("-socket")
+
+
+def _addr(family: int, a) -> str:
+    raw = bytes(ffi.buffer(ffi.addressof(a), 16))
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == socket.AF_INET6:
+        return str(ipaddress.IPv6Address(raw))
+    return "" if raw == bytes(16) else raw.hex()
+
+
+def _fixed(payload, ctype: str):
+    size = ffi.sizeof(ctype)
+    if len(payload) < size:
+        raise XfrmDecodeError(f"{ctype} needs {size} bytes, message has {len(payload)}")
+    # Copy: netlink buffers carry no alignment promise for the 64-bit fields.
+    buf = ffi.new("char[]", bytes(payload[:size]))
+    return ffi.cast(ctype + " *", buf), buf, size
+
+
+def _selector(sel) -> Selector:
+    fam = sel.family
+    return Selector(fam, _addr(fam, sel.saddr), _addr(fam, sel.daddr), sel.prefixlen_s,
+                    sel.prefixlen_d, sel.proto, socket.ntohs(sel.sport),
+                    socket.ntohs(sel.sport_mask), socket.ntohs(sel.dport),
+                    socket.ntohs(sel.dport_mask), sel.ifindex)
+
+
+def _name(chars) -> str:
+    return ffi.string(chars).decode("ascii", "replace")
+
+
+class _Attrs:
+    """The attributes common to SA and policy messages."""
+
+    def __init__(self, tail):
+        self.algorithms: list[Algorithm] = []
+        self.encap = self.mark = self.if_id = self.sec_ctx = None
+        self.esn = False
+        self.templates_raw = None
+        for a in split_attributes(tail):
+            t, v = a.type, a.value
+            if t == lib.XFRMA_ALG_AEAD:
+                p, _k, _ = _fixed(v, "struct xfrm_algo_aead")
+                self.algorithms.append(Algorithm("aead", _name(p.alg_name), p.alg_key_len,
+                                                 p.alg_icv_len))
+            elif t in (lib.XFRMA_ALG_CRYPT, lib.XFRMA_ALG_AUTH, lib.XFRMA_ALG_COMP):
+                p, _k, _ = _fixed(v, "struct xfrm_algo")
+                kind = {lib.XFRMA_ALG_CRYPT: "crypt", lib.XFRMA_ALG_AUTH: "auth",
+                        lib.XFRMA_ALG_COMP: "comp"}[t]
+                self.algorithms.append(Algorithm(kind, _name(p.alg_name), p.alg_key_len))
+            elif t == lib.XFRMA_ALG_AUTH_TRUNC:
+                p, _k, _ = _fixed(v, "struct xfrm_algo_auth")
+                self.algorithms.append(Algorithm("auth_trunc", _name(p.alg_name),
+                                                 p.alg_key_len, p.alg_trunc_len))
+            elif t == lib.XFRMA_ENCAP:
+                p, _k, _ = _fixed(v, "struct xfrm_encap_tmpl")
+                self.encap = Encap(p.encap_type, socket.ntohs(p.encap_sport),
+                                   socket.ntohs(p.encap_dport), "")
+            elif t == lib.XFRMA_MARK:
+                p, _k, _ = _fixed(v, "struct xfrm_mark")
+                self.mark = (p.v, p.m)
+            elif t == lib.XFRMA_IF_ID:
+                if len(v) < 4:
+                    raise XfrmDecodeError("XFRMA_IF_ID shorter than 4 bytes")
+                self.if_id = int.from_bytes(v[:4], sys.byteorder)   # host order
+            elif t == lib.XFRMA_REPLAY_ESN_VAL:
+                self.esn = True
+            elif t == lib.XFRMA_SEC_CTX:
+                p, _k, _ = _fixed(v, "struct xfrm_user_sec_ctx")
+                hdr = ffi.sizeof("struct xfrm_user_sec_ctx")
+                if len(v) < hdr + p.ctx_len:
+                    raise XfrmDecodeError("XFRMA_SEC_CTX shorter than its ctx_len")
+                self.sec_ctx = bytes(v[hdr:hdr + p.ctx_len]).rstrip(b"\0").decode(
+                    "utf-8", "replace")
+            elif t == lib.XFRMA_TMPL:
+                self.templates_raw = v
+            # Other attributes (lifetimes thresholds, offload, ...) are not needed yet: skipped.
+
+
+def decode_sa(payload) -> SA:
+    """Decode an XFRM_MSG_NEWSA payload (struct xfrm_usersa_info + attributes)."""
+    try:
+        p, _keep, size = _fixed(payload, "struct xfrm_usersa_info")
+        attrs = _Attrs(payload[_aligned(size):])
+    except NetlinkFormatError as exc:
+        raise XfrmDecodeError(f"SA attributes: {exc}") from None
+    fam = p.family
+    return SA(
+        src=_addr(fam, p.saddr), dst=_addr(fam, p.id.daddr), family=fam,
+        proto=PROTO_NAMES.get(p.id.proto, str(p.id.proto)), spi=socket.ntohl(p.id.spi),
+        reqid=p.reqid, mode=MODE_NAMES.get(p.mode, str(p.mode)), flags=p.flags,
+        replay_window=p.replay_window, selector=_selector(p.sel), bytes=p.curlft.bytes,
+        packets=p.curlft.packets, add_time=p.curlft.add_time, use_time=p.curlft.use_time,
+        algorithms=tuple(attrs.algorithms), encap=attrs.encap, mark=attrs.mark,
+        if_id=attrs.if_id, esn=attrs.esn, sec_ctx=attrs.sec_ctx)
+
+
+def decode_policy(payload) -> Policy:
+    """Decode an XFRM_MSG_NEWPOLICY payload (struct xfrm_userpolicy_info + attributes)."""
+    try:
+        p, _keep, size = _fixed(payload, "struct xfrm_userpolicy_info")
+        attrs = _Attrs(payload[_aligned(size):])
+    except NetlinkFormatError as exc:
+        raise XfrmDecodeError(f"policy attributes: {exc}") from None
+    return Policy(
+        dir=DIR_NAMES.get(p.dir, str(p.dir)), action=ACTION_NAMES.get(p.action, str(p.action)),
+        priority=p.priority, index=p.index, selector=_selector(p.sel),
+        templates=tuple(decode_templates(attrs.templates_raw or b"")), mark=attrs.mark,
+        if_id=attrs.if_id, sec_ctx=attrs.sec_ctx)
+
+
+def decode_templates(raw) -> list[Template]:
+    size = ffi.sizeof("struct xfrm_user_tmpl")
+    if len(raw) % size:
+        raise XfrmDecodeError(f"XFRMA_TMPL of {len(raw)} bytes is not a whole number of "
+                              f"{size}-byte templates")
+    out = []
+    for off in range(0, len(raw), size):
+        t, _keep, _ = _fixed(raw[off:off + size], "struct xfrm_user_tmpl")
+        out.append(Template(t.family, _addr(t.family, t.saddr), _addr(t.family, t.id.daddr),
+                            PROTO_NAMES.get(t.id.proto, str(t.id.proto)),
+                            socket.ntohl(t.id.spi), t.reqid, MODE_NAMES.get(t.mode, str(t.mode)),
+                            bool(t.optional)))
+    return out
+
+
+def _aligned(n: int) -> int:
+    return (n + 3) & ~3

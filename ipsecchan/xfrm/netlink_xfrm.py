@@ -1,0 +1,148 @@
+"""Talking XFRM netlink: SAD/SPD dumps and per-socket policies.
+
+A plain AF_NETLINK socket from the standard library carries the requests: a dump is one
+request and a stream of multi-part answers, which needs no more of a framework than the
+bounds-checked walker in ipsecchan.netlink. Errors are raised, never turned into a partial
+answer: an incomplete view of the SPD must not pass for the whole of it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+from ipsecchan._native import ffi, lib
+from ipsecchan.netlink import split_messages
+from ipsecchan.xfrm.messages import Policy, SA, decode_policy, decode_sa
+
+NETLINK_XFRM = 6
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+RECV_BUFFER = 1 << 20
+DUMP_RETRIES = 5
+
+
+class XfrmError(OSError):
+    """The kernel refused an XFRM request, or a dump could not be read whole."""
+
+
+def _dump(msg_type: int, request_payload: bytes, expect: int) -> list[bytes]:
+    seq = 1
+    for _attempt in range(DUMP_RETRIES):
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM) as s:
+            s.bind((0, 0))
+            s.send(struct.pack("=IHHII", 16 + len(request_payload), msg_type,
+                               NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request_payload)
+            payloads, interrupted = [], False
+            while True:
+                data = s.recv(RECV_BUFFER)
+                if not data:
+                    raise XfrmError(errno.EIO, "XFRM netlink socket closed during a dump")
+                for m in split_messages(data):
+                    if m.seq != seq:
+                        continue
+                    interrupted |= bool(m.flags & NLM_F_DUMP_INTR)
+                    if m.type == NLMSG_DONE:
+                        break
+                    if m.type == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", m.payload)[0] if len(m.payload) >= 4 \
+                            else errno.EIO
+                        if code:
+                            raise XfrmError(code, f"XFRM dump: {os.strerror(code)}")
+                        continue
+                    if m.type == expect:
+                        payloads.append(bytes(m.payload))
+                else:
+                    continue
+                break
+        if not interrupted:      # the tables changed under the dump: take it again
+            return payloads
+        seq += 1
+    raise XfrmError(errno.EAGAIN, f"XFRM dump interrupted {DUMP_RETRIES} times in a row")
+
+
+def dump_sas() -> list[SA]:
+    """Every SA in this network namespace's SAD (needs CAP_NET_ADMIN)."""
+    req = bytes(ffi.sizeof("struct xfrm_usersa_id"))
+    return [decode_sa(p) for p in _dump(lib.XFRM_MSG_GETSA, req, lib.XFRM_MSG_NEWSA)]
+
+
+def dump_policies() -> list[Policy]:
+    """Every policy in the SPD, per-socket policies included (dir "in-socket"/"out-socket")."""
+    req = bytes(ffi.sizeof("struct xfrm_userpolicy_id"))
+    return [decode_policy(p)
+            for p in _dump(lib.XFRM_MSG_GETPOLICY, req, lib.XFRM_MSG_NEWPOLICY)]
+
+
+XFRM_INF = 0xFFFFFFFFFFFFFFFF
+_SOCKET_DIRS = {"in": 0, "out": 1}
+
+
+def socket_policy_bytes(family: int, direction: str, templates=(), *, action: str = "allow",
+                        priority: int = 0) -> bytes:
+    """struct xfrm_userpolicy_info + xfrm_user_tmpl[] for setsockopt(IP_XFRM_POLICY).
+
+    templates: ipsecchan.xfrm.Template records; spi/reqid 0 mean "any". The selector names
+    only the socket's family (the kernel insists); a per-socket policy applies to every
+    packet of its socket.
+    """
+    if direction not in _SOCKET_DIRS:
+        raise ValueError(f"a socket policy's direction is 'in' or 'out', not {direction!r}")
+    pol = ffi.new("struct xfrm_userpolicy_info *")
+    for field in ("soft_byte_limit", "hard_byte_limit", "soft_packet_limit",
+                  "hard_packet_limit"):
+        setattr(pol.lft, field, XFRM_INF)
+    pol.sel.family = family
+    pol.dir = _SOCKET_DIRS[direction]
+    pol.action = {"allow": lib.XFRM_POLICY_ALLOW, "block": lib.XFRM_POLICY_BLOCK}[action]
+    pol.priority = priority
+    out = bytes(ffi.buffer(pol))
+    protos = {"esp": socket.IPPROTO_ESP, "ah": socket.IPPROTO_AH}
+    modes = {"transport": lib.XFRM_MODE_TRANSPORT, "tunnel": lib.XFRM_MODE_TUNNEL}
+    for t in templates:
+        tm = ffi.new("struct xfrm_user_tmpl *")
+        tm.family = t.family
+        tm.id.proto = protos[t.proto]
+        tm.id.spi = socket.htonl(t.spi)
+        _put_addr(tm.id.daddr, t.family, t.dst)
+        _put_addr(tm.saddr, t.family, t.src)
+        tm.reqid = t.reqid
+        tm.mode = modes[t.mode]
+        tm.optional = int(t.optional)
+        tm.aalgos = tm.ealgos = tm.calgos = 0xFFFFFFFF     # any algorithm the SA has
+        out += bytes(ffi.buffer(tm))
+    return out
+
+
+def _put_addr(field, family: int, text: str) -> None:
+    if text:
+        raw = socket.inet_pton(family, text)
+        ffi.memmove(ffi.addressof(field), raw, len(raw))
+
+
+def set_socket_policy(sock: socket.socket, direction: str, templates=(), *,
+                      action: str = "allow", priority: int = 0) -> None:
+    """Install a per-socket XFRM policy (needs CAP_NET_ADMIN). There is no getsockopt for it:
+    the SPD dump shows it as dir "in-socket"/"out-socket"."""
+    level, opt = _level(sock)
+    sock.setsockopt(level, opt, socket_policy_bytes(sock.family, direction, templates,
+                                                    action=action, priority=priority))
+
+
+def clear_socket_policies(sock: socket.socket) -> None:
+    """Remove the socket's IN and OUT policies. The kernel only clears both at once, when
+    given a NULL option value of length 0 (setsockopt(level, opt, None, 0))."""
+    level, opt = _level(sock)
+    sock.setsockopt(level, opt, None, 0)
+
+
+def _level(sock: socket.socket) -> tuple[int, int]:
+    if sock.family == socket.AF_INET:
+        return socket.IPPROTO_IP, lib.IP_XFRM_POLICY
+    if sock.family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, lib.IPV6_XFRM_POLICY
+    raise ValueError("per-socket XFRM policies exist for AF_INET and AF_INET6 sockets only")
