@@ -110,10 +110,10 @@ class Agent:
     def op_forget(self, handle: int) -> None:
         """Drop a finished process and its output files."""
         with self._lock:
-            proc = self.procs.pop(handle, None)
-        if proc is not None and proc.poll() is None:
-            self.procs[handle] = proc
-            raise RuntimeError(f"process {handle} is still running")
+            proc = self.procs.get(handle)
+            if proc is not None and proc.poll() is None:
+                raise RuntimeError(f"process {handle} is still running")
+            self.procs.pop(handle, None)
         for ext in ("out", "err"):
             try:
                 os.unlink(self.path(f"procs/{handle}.{ext}"))

@@ -144,7 +144,7 @@ def _name(chars) -> str:
 class _Attrs:
     """The attributes common to SA and policy messages."""
 
-    def __init__(self, tail):
+    def __init__(self, tail, family: int):
         self.algorithms: list[Algorithm] = []
         self.encap = self.mark = self.if_id = self.sec_ctx = None
         self.esn = False
@@ -167,7 +167,7 @@ class _Attrs:
             elif t == lib.XFRMA_ENCAP:
                 p, _k, _ = _fixed(v, "struct xfrm_encap_tmpl")
                 self.encap = Encap(p.encap_type, socket.ntohs(p.encap_sport),
-                                   socket.ntohs(p.encap_dport), "")
+                                   socket.ntohs(p.encap_dport), _addr(family, p.encap_oa))
             elif t == lib.XFRMA_MARK:
                 p, _k, _ = _fixed(v, "struct xfrm_mark")
                 self.mark = (p.v, p.m)
@@ -189,13 +189,19 @@ class _Attrs:
             # Other attributes (lifetimes thresholds, offload, ...) are not needed yet: skipped.
 
 
+def _fixed_and_attrs(payload, ctype: str, family_of):
+    """The message's fixed struct, and its attributes decoded (in the struct's family)."""
+    p, keep, size = _fixed(payload, ctype)
+    try:
+        return p, keep, _Attrs(payload[_aligned(size):], family_of(p))
+    except NetlinkFormatError as exc:
+        raise XfrmDecodeError(f"{ctype} attributes: {exc}") from None
+
+
 def decode_sa(payload) -> SA:
     """Decode an XFRM_MSG_NEWSA payload (struct xfrm_usersa_info + attributes)."""
-    try:
-        p, _keep, size = _fixed(payload, "struct xfrm_usersa_info")
-        attrs = _Attrs(payload[_aligned(size):])
-    except NetlinkFormatError as exc:
-        raise XfrmDecodeError(f"SA attributes: {exc}") from None
+    p, _keep, attrs = _fixed_and_attrs(payload, "struct xfrm_usersa_info",
+                                       lambda p: p.family)
     fam = p.family
     return SA(
         src=_addr(fam, p.saddr), dst=_addr(fam, p.id.daddr), family=fam,
@@ -209,11 +215,8 @@ def decode_sa(payload) -> SA:
 
 def decode_policy(payload) -> Policy:
     """Decode an XFRM_MSG_NEWPOLICY payload (struct xfrm_userpolicy_info + attributes)."""
-    try:
-        p, _keep, size = _fixed(payload, "struct xfrm_userpolicy_info")
-        attrs = _Attrs(payload[_aligned(size):])
-    except NetlinkFormatError as exc:
-        raise XfrmDecodeError(f"policy attributes: {exc}") from None
+    p, _keep, attrs = _fixed_and_attrs(payload, "struct xfrm_userpolicy_info",
+                                       lambda p: p.sel.family)
     return Policy(
         dir=DIR_NAMES.get(p.dir, str(p.dir)), action=ACTION_NAMES.get(p.action, str(p.action)),
         priority=p.priority, index=p.index, selector=_selector(p.sel),
