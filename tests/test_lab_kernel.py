@@ -1,7 +1,6 @@
 """The lab kernel itself: probing, the direct path, tear-down."""
 import os
 import subprocess
-import sys
 
 import pytest
 

@@ -12,8 +12,8 @@ from ipsecchan.lab.lab import Lab
 
 
 def _counters(lab: Lab, host: str) -> dict[tuple[str, int], tuple[int, int]]:
-    return {(("out" if s.src == lab.host(host).addr4 or s.src == lab.host(host).addr6
-              else "in"), s.spi): (s.packets, s.bytes)
+    h = lab.host(host)
+    return {("out" if s.src in (h.addr4, h.addr6) else "in", s.spi): (s.packets, s.bytes)
             for s in lab.xfrm_states(host) if s.proto == "esp"}
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import ipsecchan
 from ipsecchan.lab import rpc
-from ipsecchan.lab.errors import LabError, LabUnavailable
+from ipsecchan.lab.errors import LabUnavailable
 
 UML_DEFAULT = "linux.uml"
 UML_MEMORY = "768M"
@@ -105,7 +105,7 @@ class Kernel:
         if os.geteuid() != 0:
             raise LabUnavailable("the lab needs root: network namespaces and XFRM need "
                                  "CAP_SYS_ADMIN and CAP_NET_ADMIN inside the guest")
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(ipsecchan.__file__)))
+        pkg_root = _package_root()
         for path in (sys.executable, pkg_root):
             if any(c.isspace() for c in path):
                 raise LabUnavailable(f"{path!r} has white space; the guest's kernel command "
@@ -183,10 +183,14 @@ class Kernel:
         self.close()
 
 
+def _package_root() -> str:
+    """The folder holding the ipsecchan package, for the agent's import path."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(ipsecchan.__file__)))
+
+
 def _child_env() -> dict[str, str]:
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(ipsecchan.__file__)))
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
     return env
 
 

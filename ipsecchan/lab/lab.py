@@ -425,10 +425,7 @@ class Lab:
         srv = self.spawn(server, [*echo, "serve", addr, str(port)])
         try:
             cli = self.run(client, [*echo, "client", addr, str(port), str(count)],
-                           timeout=timeout)
-            if cli.rc != 0:
-                srv.stop()
-                cli.check()
+                           timeout=timeout).check()
             return cli, srv.wait(timeout).check()
         finally:
             srv.stop()

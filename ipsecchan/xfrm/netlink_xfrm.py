@@ -37,8 +37,8 @@ def _dump(msg_type: int, request_payload: bytes, expect: int) -> list[bytes]:
             s.bind((0, 0))
             s.send(struct.pack("=IHHII", 16 + len(request_payload), msg_type,
                                NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request_payload)
-            payloads, interrupted = [], False
-            while True:
+            payloads, interrupted, done = [], False, False
+            while not done:
                 data = s.recv(RECV_BUFFER)
                 if not data:
                     raise XfrmError(errno.EIO, "XFRM netlink socket closed during a dump")
@@ -47,18 +47,15 @@ def _dump(msg_type: int, request_payload: bytes, expect: int) -> list[bytes]:
                         continue
                     interrupted |= bool(m.flags & NLM_F_DUMP_INTR)
                     if m.type == NLMSG_DONE:
+                        done = True
                         break
                     if m.type == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", m.payload)[0] if len(m.payload) >= 4 \
                             else errno.EIO
                         if code:
                             raise XfrmError(code, f"XFRM dump: {os.strerror(code)}")
-                        continue
-                    if m.type == expect:
+                    elif m.type == expect:
                         payloads.append(bytes(m.payload))
-                else:
-                    continue
-                break
         if not interrupted:      # the tables changed under the dump: take it again
             return payloads
         seq += 1
