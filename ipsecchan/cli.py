@@ -1,4 +1,4 @@
-"""Command line: `ipsecchan lab ...` (and, later, `ss` and `watch`)."""
+"""Command line: `ipsecchan lab ...`, `ipsecchan ss` (and, later, `watch`)."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--auth", choices=("cert", "rpk", "psk"), default="cert")
     demo.add_argument("--family", type=int, choices=(4, 6), default=4)
     lab.set_defaults(func=_lab)
+    from ipsecchan import ss
+    ss.add_parser(sub)
     opts = ap.parse_args(argv)
     return opts.func(opts)
 

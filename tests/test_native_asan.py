@@ -1,6 +1,8 @@
-"""The C netlink walker under AddressSanitizer: random and hostile input, each in a malloc
-block of its exact size, so a read one byte past the end is caught. A control run proves
-the harness does catch such a read."""
+"""The C netlink walker and the C SAD/SPD index under AddressSanitizer: random and hostile
+input, each in a malloc block of its exact size, so a read one byte past the end is caught.
+A control run proves the harness does catch such a read. The index is fed the seed corpus
+(tests/corpus/xfrm, made by tests/corpus/make_corpus.py) and random mutations of it, with
+lookups and full views after every apply."""
 import os
 import subprocess
 import sys
@@ -21,14 +23,33 @@ int ipsecchan_nl_split(const uint8_t *, size_t, struct ipsecchan_nlspan *, size_
 int ipsecchan_nla_split(const uint8_t *, size_t, struct ipsecchan_attrspan *, size_t, size_t *);
 void *malloc(size_t); void free(void *);
 int overread_for_control(const uint8_t *b, size_t n);
+struct ipsecchan_xidx;
+struct ipsecchan_xidx *ipsecchan_xidx_new(void);
+void ipsecchan_xidx_free(struct ipsecchan_xidx *);
+void ipsecchan_xidx_clear(struct ipsecchan_xidx *);
+int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *, const uint8_t *, size_t, double, size_t *,
+                             int64_t *);
+size_t ipsecchan_xidx_sa_count(const struct ipsecchan_xidx *);
+size_t ipsecchan_xidx_policy_count(const struct ipsecchan_xidx *);
+size_t ipsecchan_xidx_memory(const struct ipsecchan_xidx *);
+size_t ipsecchan_xidx_sa_handles(const struct ipsecchan_xidx *, uint64_t *, size_t);
+size_t ipsecchan_xidx_policy_handles(const struct ipsecchan_xidx *, uint64_t *, size_t);
+const uint8_t *ipsecchan_xidx_sa_message(const struct ipsecchan_xidx *, uint64_t, size_t *);
+const uint8_t *ipsecchan_xidx_policy_message(const struct ipsecchan_xidx *, uint64_t, size_t *);
+int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *, uint16_t, uint8_t, const char *,
+                              uint16_t, const char *, uint16_t, uint32_t, int32_t, uint32_t,
+                              const char *, size_t, const char *, size_t, unsigned, uint64_t *,
+                              size_t);
 ''')
 ffi.set_source("_nlmsg_asan", '''
 #include <stdlib.h>
 #include "nlmsg.h"
+#include "xfrm_index.h"
 /* Only in this test build: a deliberate one-byte overread, to show ASan is watching. */
 int overread_for_control(const uint8_t *b, size_t n) { return b[n]; }
-''', sources=[sys.argv[2] + "/nlmsg.c"], include_dirs=[sys.argv[2]],
-    extra_compile_args=["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"],
+''', sources=[sys.argv[2] + "/nlmsg.c", sys.argv[2] + "/xfrm_index.c"], include_dirs=[sys.argv[2]],
+    extra_compile_args=["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1",
+                        "-std=c11"],
     extra_link_args=["-fsanitize=address"])
 ffi.compile(tmpdir=sys.argv[1])
 """
@@ -71,6 +92,120 @@ print("fuzzed", runs)
 """
 
 
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "xfrm")
+
+FUZZ_INDEX = r"""
+import os, random, struct, sys
+sys.path.insert(0, sys.argv[1])
+from _nlmsg_asan import ffi, lib
+alloc = ffi.new_allocator(alloc=lib.malloc, free=lib.free, should_clear_after_alloc=False)
+corpus_dir = sys.argv[3]
+seeds, sockpols = [], []
+for name in sorted(os.listdir(corpus_dir)):
+    with open(os.path.join(corpus_dir, name), "rb") as f:
+        (sockpols if name.startswith("sockpol-") else seeds).append(f.read())
+assert len(seeds) >= 20, "seed corpus missing: run tests/corpus/make_corpus.py"
+rnd = random.Random(5660)
+ADDRS = [bytes(12) + bytes([10, 0, 0, 1]), bytes(12) + bytes([10, 0, 0, 2]), bytes(16),
+         bytes([0xfd]) + bytes(14) + b"\1", bytes([0xfd]) + bytes(14) + b"\2"]
+
+def exact(data):
+    buf = alloc("uint8_t[]", max(len(data), 1))
+    ffi.memmove(buf, data, len(data))
+    return buf
+
+def mutate(data):
+    data = bytearray(data)
+    for _ in range(rnd.choice([1, 1, 2, 4])):
+        k = rnd.randrange(6)
+        pos = rnd.randrange(len(data)) if data else 0
+        if k == 0 and data:
+            data[pos] = rnd.randrange(256)
+        elif k == 1:
+            del data[pos:]
+        elif k == 2 and pos + 2 <= len(data):
+            struct.pack_into("=H", data, pos, rnd.choice([0, 3, 4, 5, 8, 0xFFFF, len(data) - pos]))
+        elif k == 3 and pos + 4 <= len(data):
+            struct.pack_into("=I", data, pos, rnd.choice([0, 15, 16, 17, 0xFFFFFFFF,
+                                                          len(data) - pos, len(data) - pos + 4]))
+        elif k == 4:
+            data += rnd.choice(seeds)
+        else:
+            data[pos:pos] = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 9)))
+    return bytes(data)
+
+def views(x):
+    for count, handles, message in (
+            (lib.ipsecchan_xidx_sa_count, lib.ipsecchan_xidx_sa_handles,
+             lib.ipsecchan_xidx_sa_message),
+            (lib.ipsecchan_xidx_policy_count, lib.ipsecchan_xidx_policy_handles,
+             lib.ipsecchan_xidx_policy_message)):
+        n = count(x)
+        hs = ffi.new("uint64_t[]", n + 1)
+        assert handles(x, hs, n + 1) == n
+        ln = ffi.new("size_t *")
+        for i in range(n):
+            p = message(x, hs[i], ln)
+            assert p != ffi.NULL
+            bytes(ffi.buffer(p, ln[0]))       # touch every byte
+
+def lookups(x, k):
+    out = ffi.new("uint64_t[]", 64)
+    for _ in range(k):
+        fam = rnd.choice([2, 10, 2, 0])
+        sock = [ffi.NULL, 0, ffi.NULL, 0]
+        if rnd.random() < 0.3:
+            sp = rnd.choice(sockpols)
+            if rnd.random() < 0.3:
+                sp = sp[:rnd.randrange(len(sp))]
+            b = exact(sp)
+            sock[rnd.choice([0, 2])], sock[1] = b, len(sp)
+            sock[3] = len(sp) if sock[2] != ffi.NULL else 0
+            if sock[0] == ffi.NULL:
+                sock[1] = 0
+        local, remote = exact(rnd.choice(ADDRS)), exact(rnd.choice(ADDRS))
+        n = lib.ipsecchan_xidx_lookup(x, fam, rnd.choice([6, 17]), ffi.cast("char *", local),
+                                      rnd.choice([0, 22, 1000]), ffi.cast("char *", remote),
+                                      rnd.choice([0, 22, 443]), rnd.choice([0, 1]), 0,
+                                      rnd.choice([0, 3]), ffi.cast("char *", sock[0]), sock[1],
+                                      ffi.cast("char *", sock[2]), sock[3], rnd.randrange(4),
+                                      out, rnd.choice([0, 3, 64]))
+        assert n >= -200
+
+x = lib.ipsecchan_xidx_new()
+bad = ffi.new("size_t *"); applied = ffi.new("int64_t *")
+runs = applied_ok = rejected = peak = 0
+def clean(data):
+    probe = lib.ipsecchan_xidx_new()
+    ok = lib.ipsecchan_xidx_apply(probe, exact(data), len(data), 1.7e9, ffi.new("size_t *"),
+                                  ffi.new("int64_t *")) >= 0
+    lib.ipsecchan_xidx_free(probe)
+    return ok
+valid = [d for d in seeds if clean(d)]
+assert len(valid) >= 10 and len(seeds) - len(valid) >= 10, (len(valid), len(seeds))
+def mix():
+    return b"".join(rnd.choice(valid if rnd.random() < 0.9 else seeds)
+                    for _ in range(rnd.randrange(1, 5)))
+inputs = list(seeds) + [mutate(mix()) if rnd.random() < 0.6 else mix() for _ in range(8000)]
+for i, data in enumerate(inputs):
+    buf = exact(data)
+    r = lib.ipsecchan_xidx_apply(x, buf, len(data), 1.7e9, bad, applied)
+    assert r >= 0 or bad[0] <= len(data), (r, bad[0], len(data))
+    applied_ok += r > 0
+    rejected += r < 0
+    peak = max(peak, lib.ipsecchan_xidx_sa_count(x) + lib.ipsecchan_xidx_policy_count(x))
+    lookups(x, 3)
+    if i % 50 == 0:
+        views(x)
+    if i % 500 == 499:
+        lib.ipsecchan_xidx_clear(x)
+    runs += 1
+views(x)
+lib.ipsecchan_xidx_free(x)
+print("index fuzzed", runs, "applied", applied_ok, "rejected", rejected, "peak", peak)
+"""
+
+
 @pytest.fixture(scope="module")
 def asan_build(tmp_path_factory):
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
@@ -83,12 +218,12 @@ def asan_build(tmp_path_factory):
     return out, libasan
 
 
-def _run(asan_build, mode):
+def _run(asan_build, mode, script=None):
     out, libasan = asan_build
     env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
                PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, "-c", FUZZ, str(out), mode], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", script or FUZZ, str(out), mode, CORPUS],
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_asan_catches_an_overread(asan_build):
@@ -100,3 +235,12 @@ def test_walker_never_reads_out_of_bounds(asan_build):
     r = _run(asan_build, "fuzz")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fuzzed 30000" in r.stdout
+
+
+def test_index_never_reads_out_of_bounds(asan_build):
+    r = _run(asan_build, "index", FUZZ_INDEX)
+    assert r.returncode == 0, r.stderr[-3000:]
+    words = r.stdout.split()
+    assert words[:2] == ["index", "fuzzed"], r.stdout
+    # the mutations reach both sides: accepted messages that fill the index, and rejections
+    assert int(words[4]) > 3000 and int(words[6]) > 1000 and int(words[8]) >= 8, r.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 
@@ -21,6 +22,10 @@ MODE_NAMES = {0: "transport", 1: "tunnel", 2: "ro", 3: "in_trigger", 4: "beet"}
 # Directions as dumps show them: per-socket policies appear as dir + XFRM_POLICY_MAX (3).
 DIR_NAMES = {0: "in", 1: "out", 2: "fwd", 3: "in-socket", 4: "out-socket", 5: "fwd-socket"}
 ACTION_NAMES = {lib.XFRM_POLICY_ALLOW: "allow", lib.XFRM_POLICY_BLOCK: "block"}
+
+
+# Linux 6.10's XFRMA_SA_DIR; older headers (Debian 12's) lack it, the number is fixed ABI.
+XFRMA_SA_DIR = 40
 
 
 class XfrmDecodeError(ValueError):
@@ -59,6 +64,19 @@ class Encap:
 
 
 @dataclass(frozen=True, slots=True)
+class Lifetime:
+    """Configured limits (XFRM_INF = 2**64-1 means none) of an SA."""
+    soft_bytes: int
+    hard_bytes: int
+    soft_packets: int
+    hard_packets: int
+    soft_add_seconds: int
+    hard_add_seconds: int
+    soft_use_seconds: int
+    hard_use_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
 class SA:
     src: str
     dst: str
@@ -80,6 +98,14 @@ class SA:
     if_id: int | None
     esn: bool
     sec_ctx: str | None
+    lifetime: Lifetime | None = None
+    replay_seq: tuple[int, int] | None = None   # (outbound, inbound) sequence numbers
+    direction: str | None = None                 # XFRMA_SA_DIR on kernels that have it
+
+    @property
+    def key(self) -> tuple[int, str, str, int]:
+        """What names an SA in the SAD: (family, dst, proto, spi)."""
+        return (self.family, self.dst, self.proto, self.spi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +174,8 @@ class _Attrs:
         self.algorithms: list[Algorithm] = []
         self.encap = self.mark = self.if_id = self.sec_ctx = None
         self.esn = False
-        self.templates_raw = None
+        self.templates_raw = self.replay_seq = self.direction = None
+        self.embedded = None
         for a in split_attributes(tail):
             t, v = a.type, a.value
             if t == lib.XFRMA_ALG_AEAD:
@@ -176,7 +203,18 @@ class _Attrs:
                     raise XfrmDecodeError("XFRMA_IF_ID shorter than 4 bytes")
                 self.if_id = int.from_bytes(v[:4], sys.byteorder)   # host order
             elif t == lib.XFRMA_REPLAY_ESN_VAL:
+                p, _k, _ = _fixed(v, "struct xfrm_replay_state_esn")
                 self.esn = True
+                self.replay_seq = ((p.oseq_hi << 32) | p.oseq, (p.seq_hi << 32) | p.seq)
+            elif t == lib.XFRMA_REPLAY_VAL:
+                p, _k, _ = _fixed(v, "struct xfrm_replay_state")
+                self.replay_seq = (p.oseq, p.seq)
+            elif t == XFRMA_SA_DIR:
+                if len(v) < 1:
+                    raise XfrmDecodeError("XFRMA_SA_DIR is empty")
+                self.direction = {1: "in", 2: "out"}.get(v[0], str(v[0]))
+            elif t in (lib.XFRMA_SA, lib.XFRMA_POLICY):
+                self.embedded = v       # the full record inside a delete notification
             elif t == lib.XFRMA_SEC_CTX:
                 p, _k, _ = _fixed(v, "struct xfrm_user_sec_ctx")
                 hdr = ffi.sizeof("struct xfrm_user_sec_ctx")
@@ -210,7 +248,15 @@ def decode_sa(payload) -> SA:
         replay_window=p.replay_window, selector=_selector(p.sel), bytes=p.curlft.bytes,
         packets=p.curlft.packets, add_time=p.curlft.add_time, use_time=p.curlft.use_time,
         algorithms=tuple(attrs.algorithms), encap=attrs.encap, mark=attrs.mark,
-        if_id=attrs.if_id, esn=attrs.esn, sec_ctx=attrs.sec_ctx)
+        if_id=attrs.if_id, esn=attrs.esn, sec_ctx=attrs.sec_ctx, lifetime=_lifetime(p.lft),
+        replay_seq=attrs.replay_seq, direction=attrs.direction)
+
+
+def _lifetime(lft) -> Lifetime:
+    return Lifetime(lft.soft_byte_limit, lft.hard_byte_limit, lft.soft_packet_limit,
+                    lft.hard_packet_limit, lft.soft_add_expires_seconds,
+                    lft.hard_add_expires_seconds, lft.soft_use_expires_seconds,
+                    lft.hard_use_expires_seconds)
 
 
 def decode_policy(payload) -> Policy:
@@ -241,3 +287,99 @@ def decode_templates(raw) -> list[Template]:
 
 def _aligned(n: int) -> int:
     return (n + 3) & ~3
+
+
+# ---- notifications (multicast groups SA, POLICY, EXPIRE, ACQUIRE) ----
+
+@dataclass(frozen=True, slots=True)
+class XfrmEvent:
+    """One XFRM notification, decoded.
+
+    kind: sa-new, sa-update, sa-delete, sa-expire, sa-flush, policy-new, policy-update,
+    policy-delete, policy-expire, policy-flush, acquire. A hard expire means the kernel has
+    removed the SA or policy (it sends no separate delete); a soft one marks it dying.
+    """
+    kind: str
+    sa: SA | None = None
+    sa_key: tuple[int, str, str, int] | None = None
+    policy: Policy | None = None
+    policy_key: tuple[str, int] | None = None     # (dir, index)
+    hard: bool = False
+    flush_proto: int = 0                          # 0 or 255 (IPSEC_PROTO_ANY): every SA
+    acquire: tuple[str, str, Selector] | None = None   # (src, dst, selector) of an ACQUIRE
+
+
+def _sa_key_of(p) -> tuple[int, str, str, int]:
+    fam = p.family
+    return (fam, _addr(fam, p.daddr), PROTO_NAMES.get(p.proto, str(p.proto)),
+            socket.ntohl(p.spi))
+
+
+def _split_embedded(payload, fixed_ctype: str, family_of):
+    """The fixed header, and the embedded full record (XFRMA_SA / XFRMA_POLICY) followed by
+    the message's other attributes, which describe that record."""
+    p, keep, size = _fixed(payload, fixed_ctype)
+    tail = payload[_aligned(size):]
+    try:
+        attrs = split_attributes(tail)
+    except NetlinkFormatError as exc:
+        raise XfrmDecodeError(f"{fixed_ctype} attributes: {exc}") from None
+    embedded, others = None, []
+    for a in attrs:
+        if a.type in (lib.XFRMA_SA, lib.XFRMA_POLICY) and embedded is None:
+            embedded = bytes(a.value)
+        else:
+            others.append(struct.pack("=HH", 4 + len(a.value), a.type) + bytes(a.value)
+                          + bytes(-len(a.value) % 4))
+    return p, keep, embedded, b"".join(others)
+
+
+def decode_event(msg_type: int, payload) -> XfrmEvent | None:
+    """Decode one notification; None for message types the SAD/SPD view does not use."""
+    if msg_type in (lib.XFRM_MSG_NEWSA, lib.XFRM_MSG_UPDSA):
+        sa = decode_sa(payload)
+        return XfrmEvent("sa-new" if msg_type == lib.XFRM_MSG_NEWSA else "sa-update", sa=sa,
+                         sa_key=sa.key)
+    if msg_type == lib.XFRM_MSG_DELSA:
+        p, _keep, embedded, others = _split_embedded(payload, "struct xfrm_usersa_id",
+                                                     lambda p: p.family)
+        sa = None
+        if embedded is not None:
+            size = ffi.sizeof("struct xfrm_usersa_info")
+            sa = decode_sa(embedded[:size] + bytes(-size % 4) + others)
+        return XfrmEvent("sa-delete", sa=sa, sa_key=_sa_key_of(p))
+    if msg_type == lib.XFRM_MSG_EXPIRE:
+        p, _keep, size = _fixed(payload, "struct xfrm_user_expire")
+        state = bytes(payload[:ffi.sizeof("struct xfrm_usersa_info")])
+        sa = decode_sa(state)
+        return XfrmEvent("sa-expire", sa=sa, sa_key=sa.key, hard=bool(p.hard))
+    if msg_type == lib.XFRM_MSG_FLUSHSA:
+        p, _keep, _ = _fixed(payload, "struct xfrm_usersa_flush")
+        return XfrmEvent("sa-flush", flush_proto=p.proto)
+    if msg_type in (lib.XFRM_MSG_NEWPOLICY, lib.XFRM_MSG_UPDPOLICY):
+        pol = decode_policy(payload)
+        kind = "policy-new" if msg_type == lib.XFRM_MSG_NEWPOLICY else "policy-update"
+        return XfrmEvent(kind, policy=pol, policy_key=(pol.dir, pol.index))
+    if msg_type == lib.XFRM_MSG_DELPOLICY:
+        p, _keep, embedded, others = _split_embedded(payload, "struct xfrm_userpolicy_id",
+                                                     lambda p: p.sel.family)
+        pol = None
+        if embedded is not None:
+            size = ffi.sizeof("struct xfrm_userpolicy_info")
+            pol = decode_policy(embedded[:size] + bytes(-size % 4) + others)
+        index = pol.index if pol is not None else p.index
+        direction = pol.dir if pol is not None else DIR_NAMES.get(p.dir, str(p.dir))
+        return XfrmEvent("policy-delete", policy=pol, policy_key=(direction, index))
+    if msg_type == lib.XFRM_MSG_POLEXPIRE:
+        p, _keep, _ = _fixed(payload, "struct xfrm_user_polexpire")
+        pol = decode_policy(bytes(payload[:ffi.sizeof("struct xfrm_userpolicy_info")]))
+        return XfrmEvent("policy-expire", policy=pol, policy_key=(pol.dir, pol.index),
+                         hard=bool(p.hard))
+    if msg_type == lib.XFRM_MSG_FLUSHPOLICY:
+        return XfrmEvent("policy-flush")
+    if msg_type == lib.XFRM_MSG_ACQUIRE:
+        p, _keep, _ = _fixed(payload, "struct xfrm_user_acquire")
+        fam = p.sel.family
+        return XfrmEvent("acquire", acquire=(_addr(fam, p.saddr), _addr(fam, p.id.daddr),
+                                             _selector(p.sel)))
+    return None

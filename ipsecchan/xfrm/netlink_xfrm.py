@@ -31,6 +31,7 @@ class XfrmError(OSError):
 
 
 def _dump(msg_type: int, request_payload: bytes, expect: int) -> list[bytes]:
+    """The payloads of every `expect` message of a dump, read whole or not at all."""
     seq = 1
     for _attempt in range(DUMP_RETRIES):
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM) as s:
@@ -47,6 +48,10 @@ def _dump(msg_type: int, request_payload: bytes, expect: int) -> list[bytes]:
                         continue
                     interrupted |= bool(m.flags & NLM_F_DUMP_INTR)
                     if m.type == NLMSG_DONE:
+                        # A dump that fails part-way says so here, not in an NLMSG_ERROR.
+                        if len(m.payload) >= 4 and struct.unpack_from("=i", m.payload)[0] < 0:
+                            code = -struct.unpack_from("=i", m.payload)[0]
+                            raise XfrmError(code, f"XFRM dump failed: {os.strerror(code)}")
                         done = True
                         break
                     if m.type == NLMSG_ERROR:
@@ -66,6 +71,50 @@ def dump_sas() -> list[SA]:
     """Every SA in this network namespace's SAD (needs CAP_NET_ADMIN)."""
     req = bytes(ffi.sizeof("struct xfrm_usersa_id"))
     return [decode_sa(p) for p in _dump(lib.XFRM_MSG_GETSA, req, lib.XFRM_MSG_NEWSA)]
+
+
+_DUMPS = {"sa": ("struct xfrm_usersa_id", "XFRM_MSG_GETSA", "XFRM_MSG_NEWSA"),
+          "policy": ("struct xfrm_userpolicy_id", "XFRM_MSG_GETPOLICY", "XFRM_MSG_NEWPOLICY")}
+
+
+def dump_messages(kind: str) -> bytes:
+    """A dump ("sa" or "policy") as a buffer of netlink messages, the form an index eats."""
+    req, get, new = _DUMPS[kind]
+    new_type = getattr(lib, new)
+    return b"".join(struct.pack("=IHHII", 16 + len(p) + (-len(p) % 4), new_type, 0, 0, 0)
+                    + p + bytes(-len(p) % 4)
+                    for p in _dump(getattr(lib, get), bytes(ffi.sizeof(req)), new_type))
+
+
+_DEFAULT_NAMES = {lib.XFRM_USERPOLICY_UNSPEC: "accept", lib.XFRM_USERPOLICY_ACCEPT: "accept",
+                  lib.XFRM_USERPOLICY_BLOCK: "block"}
+
+
+def decode_default_policy(payload) -> tuple[str, str]:
+    """(in, out) from a struct xfrm_userpolicy_default."""
+    if len(payload) < ffi.sizeof("struct xfrm_userpolicy_default"):
+        raise XfrmError(errno.EBADMSG, "short xfrm_userpolicy_default")
+    p = ffi.from_buffer("struct xfrm_userpolicy_default *", payload)
+    return (_DEFAULT_NAMES.get(getattr(p, "in"), "block"),
+            _DEFAULT_NAMES.get(p.out, "block"))
+
+
+def get_default_policy() -> tuple[str, str]:
+    """The namespace's default policy (in, out): what the kernel does with a flow no policy
+    matches. An unknown answer reads as "block" (fail closed)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM) as s:
+        s.bind((0, 0))
+        body = bytes(ffi.sizeof("struct xfrm_userpolicy_default"))
+        s.send(struct.pack("=IHHII", 16 + len(body) + (-len(body) % 4),
+                           lib.XFRM_MSG_GETDEFAULT, NLM_F_REQUEST, 1, 0)
+               + body + bytes(-len(body) % 4))
+        for m in split_messages(s.recv(RECV_BUFFER)):
+            if m.type == lib.XFRM_MSG_GETDEFAULT:
+                return decode_default_policy(m.payload)
+            if m.type == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", m.payload)[0]
+                raise XfrmError(code, f"XFRM_MSG_GETDEFAULT: {os.strerror(code)}")
+    raise XfrmError(errno.EIO, "no answer to XFRM_MSG_GETDEFAULT")
 
 
 def dump_policies() -> list[Policy]:

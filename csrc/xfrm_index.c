@@ -1,0 +1,1462 @@
+/* The SAD/SPD index (see xfrm_index.h; the specification is ipsecchan/xfrm/lookup.py).
+ *
+ * Addresses are compared as lookup.py compares them: as integers (IPv4 the low 32 bits of
+ * a 128-bit value, IPv6 all of it), and an address of a family that is neither AF_INET nor
+ * AF_INET6 compares as 0 ("cmpv").
+ *
+ * SAs: four hash tables with doubly linked chains through 32-bit slot numbers:
+ *   KEY  (family, dst, proto, spi)          update, delete, IN lookups with a template SPI
+ *   OUT  (family, reqid, proto, mode, dst)  OUT lookups: every candidate of a template
+ *   INR  (dst, proto, mode, reqid)          IN lookups with a template reqid
+ *   IN   (dst, proto, mode)                 IN lookups with neither SPI nor reqid
+ * Policies: KEY (dir, index), and tuple-space search for the lookup: one hash table keyed by
+ * (dir, family, prefix lengths, the selector's addresses under those prefixes); a lookup
+ * probes one chain per prefix-length class present (host-to-host selectors are one class)
+ * and takes the lowest (priority, index) among the matches. Ports, protocol, ifindex, mark
+ * and if_id are checked on the chain. */
+#define _GNU_SOURCE
+#include <malloc.h>
+#include <stdalign.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <linux/ipsec.h>
+#include <linux/netlink.h>
+#include <linux/xfrm.h>
+
+#include "nlmsg.h"
+#include "xfrm_index.h"
+
+typedef unsigned __int128 u128;
+
+#define NIL UINT32_MAX
+#define ALIGN4(n) (((n) + 3u) & ~(size_t)3u)
+#define XFRMA_SA_DIR_NUM 40          /* Linux 6.10; Debian 12's header lacks it */
+#define STATE_WILDRECV 8             /* XFRM_STATE_WILDRECV */
+#define INF UINT64_MAX
+#define MIN_BUCKETS 64u
+
+struct link { uint32_t next, prev; };
+
+struct hdr { struct link lk[4]; };
+
+struct xsa {
+    struct link lk[4];
+    u128 dst, src;                   /* as the SA's family decodes them (raw if neither) */
+    uint64_t seq;
+    uint32_t serial, mark_v, mark_m, if_id, msg_len;
+    uint8_t dying;
+    alignas(16) uint8_t msg[];       /* xfrm_usersa_info + attributes, keys cut off */
+};
+
+struct xpol {
+    struct link lk[4];               /* KEY, TSS */
+    u128 s, d;                       /* selector addresses */
+    uint64_t key;                    /* (priority << 32) | index */
+    uint32_t serial, mark_v, mark_m, if_id, tmpl_off, msg_len, ntmpl, slot;
+    uint16_t family;
+    uint8_t dir, action, ps, pd;     /* ps, pd: prefix lengths, at most the family's bits */
+    alignas(16) uint8_t msg[];       /* xfrm_userpolicy_info + attributes, as received */
+};
+
+enum { T_KEY, T_OUT, T_INR, T_IN };
+enum { P_KEY, P_TSS };
+
+struct table { uint32_t *heads; };
+
+struct store {
+    struct hdr **v;
+    uint32_t cap, top, n;            /* slots allocated, slots ever used, live entries */
+    uint32_t *free_;
+    uint32_t nfree;
+    uint32_t nb;                     /* buckets per table (power of two) */
+    int ntab;
+    struct table t[4];
+};
+
+struct cls { uint16_t family; uint8_t ps, pd; uint32_t count; uint64_t minkey; };
+struct clist { struct cls *v; uint32_t n, cap; };
+
+struct ipsecchan_xidx {
+    struct store sa, pol;
+    struct clist cls[2];             /* prefix-length classes of dir in (0) and out (1) */
+    uint64_t seq;
+    uint32_t serial;
+    size_t mem;
+};
+
+/* ---- memory, counted ---- */
+
+static void *xmalloc(struct ipsecchan_xidx *x, size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p)
+        x->mem += malloc_usable_size(p) + sizeof(size_t);
+    return p;
+}
+
+static void xfree(struct ipsecchan_xidx *x, void *p)
+{
+    if (p) {
+        x->mem -= malloc_usable_size(p) + sizeof(size_t);
+        free(p);
+    }
+}
+
+static void *xrealloc(struct ipsecchan_xidx *x, void *p, size_t n)
+{
+    size_t old = p ? malloc_usable_size(p) + sizeof(size_t) : 0;
+    void *q = realloc(p, n ? n : 1);
+    if (q)
+        x->mem = x->mem - old + malloc_usable_size(q) + sizeof(size_t);
+    return q;
+}
+
+/* ---- addresses and hashing ---- */
+
+static inline int famok(uint16_t f) { return f == AF_INET || f == AF_INET6; }
+
+static inline u128 load_be(const uint8_t *p, int n)
+{
+    u128 v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* An address as lookup.py's records hold it: decoded in its own family. */
+static inline u128 norm(uint16_t fam, const xfrm_address_t *a)
+{
+    const uint8_t *p = (const uint8_t *)a;
+    return fam == AF_INET ? load_be(p, 4) : load_be(p, 16);
+}
+
+/* The value _addr_int(fam, text) compares. */
+static inline u128 cmpv(uint16_t fam, u128 v) { return famok(fam) ? v : 0; }
+
+static inline uint64_t mix(uint64_t h, uint64_t v)
+{
+    h ^= v + 0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2);
+    h *= 0xBF58476D1CE4E5B9ULL;
+    return h ^ (h >> 31);
+}
+
+static inline uint64_t mix128(uint64_t h, u128 v)
+{
+    return mix(mix(h, (uint64_t)v), (uint64_t)(v >> 64));
+}
+
+static inline uint64_t h_key(uint16_t fam, u128 dst, uint8_t proto, uint32_t spi)
+{
+    return mix128(mix(1, ((uint64_t)fam << 40) | ((uint64_t)proto << 32) | spi), dst);
+}
+
+static inline uint64_t h_out(uint16_t fam, uint32_t reqid, uint8_t proto, uint8_t mode,
+                             u128 dst)
+{
+    return mix128(mix(2, ((uint64_t)fam << 48) | ((uint64_t)proto << 40) |
+                         ((uint64_t)mode << 32) | reqid), dst);
+}
+
+static inline uint64_t h_inr(u128 dst, uint8_t proto, uint8_t mode, uint32_t reqid)
+{
+    return mix128(mix(3, ((uint64_t)proto << 40) | ((uint64_t)mode << 32) | reqid), dst);
+}
+
+static inline uint64_t h_in(u128 dst, uint8_t proto, uint8_t mode)
+{
+    return mix128(mix(4, ((uint64_t)proto << 8) | mode), dst);
+}
+
+static inline uint64_t h_pkey(uint8_t dir, uint32_t index)
+{
+    return mix(5, ((uint64_t)dir << 32) | index);
+}
+
+static inline unsigned fam_bits(uint16_t fam) { return fam == AF_INET ? 32 : 128; }
+
+static inline u128 prefix_of(u128 a, unsigned bits, unsigned plen)
+{
+    return plen == 0 ? 0 : a >> (bits - plen);
+}
+
+static inline uint64_t h_tss(uint8_t dir, uint16_t fam, uint8_t ps, uint8_t pd, u128 s, u128 d)
+{
+    return mix128(mix128(mix(6, ((uint64_t)dir << 32) | ((uint64_t)fam << 16) |
+                                ((uint64_t)ps << 8) | pd), s), d);
+}
+
+#define SAI(e) ((const struct xfrm_usersa_info *)(const void *)(e)->msg)
+#define POI(p) ((const struct xfrm_userpolicy_info *)(const void *)(p)->msg)
+
+static uint64_t sa_hash(const struct xsa *e, int t)
+{
+    const struct xfrm_usersa_info *i = SAI(e);
+    u128 d = cmpv(i->family, e->dst);
+    switch (t) {
+    case T_KEY: return h_key(i->family, e->dst, i->id.proto, ntohl(i->id.spi));
+    case T_OUT: return h_out(i->family, i->reqid, i->id.proto, i->mode, d);
+    case T_INR: return h_inr(d, i->id.proto, i->mode, i->reqid);
+    default: return h_in(d, i->id.proto, i->mode);
+    }
+}
+
+static inline int pol_in_tss(const struct xpol *p) { return p->dir < 2; }
+
+static inline u128 tss_addr(uint16_t fam, u128 a, unsigned plen)
+{
+    return famok(fam) ? prefix_of(a, fam_bits(fam), plen) : 0;
+}
+
+static uint64_t pol_hash(const struct xpol *p, int t)
+{
+    if (t == P_KEY)
+        return h_pkey(p->dir, (uint32_t)p->key);
+    return h_tss(p->dir, p->family, p->ps, p->pd, tss_addr(p->family, p->s, p->ps),
+                 tss_addr(p->family, p->d, p->pd));
+}
+
+static uint64_t entry_hash(const struct store *s, const struct ipsecchan_xidx *x,
+                           const struct hdr *e, int t)
+{
+    return s == &x->sa ? sa_hash((const struct xsa *)e, t)
+                       : pol_hash((const struct xpol *)e, t);
+}
+
+static int in_table(const struct store *s, const struct ipsecchan_xidx *x,
+                    const struct hdr *e, int t)
+{
+    return s == &x->sa || t == P_KEY || pol_in_tss((const struct xpol *)e);
+}
+
+/* ---- the slot store and its chained tables ---- */
+
+static void link_in(struct store *s, uint32_t slot, int t, uint64_t h)
+{
+    uint32_t b = (uint32_t)(h & (s->nb - 1));
+    struct hdr *e = s->v[slot];
+    e->lk[t].prev = NIL;
+    e->lk[t].next = s->t[t].heads[b];
+    if (e->lk[t].next != NIL)
+        s->v[e->lk[t].next]->lk[t].prev = slot;
+    s->t[t].heads[b] = slot;
+}
+
+static void unlink_from(struct ipsecchan_xidx *x, struct store *s, uint32_t slot, int t)
+{
+    struct hdr *e = s->v[slot];
+    if (!in_table(s, x, e, t))
+        return;
+    if (e->lk[t].prev == NIL)
+        s->t[t].heads[entry_hash(s, x, e, t) & (s->nb - 1)] = e->lk[t].next;
+    else
+        s->v[e->lk[t].prev]->lk[t].next = e->lk[t].next;
+    if (e->lk[t].next != NIL)
+        s->v[e->lk[t].next]->lk[t].prev = e->lk[t].prev;
+}
+
+static void store_release(struct ipsecchan_xidx *x, struct store *s)
+{
+    for (uint32_t i = 0; i < s->top; i++)
+        xfree(x, s->v[i]);
+    xfree(x, s->v);
+    xfree(x, s->free_);
+    for (int t = 0; t < s->ntab; t++)
+        xfree(x, s->t[t].heads);
+    int ntab = s->ntab;
+    memset(s, 0, sizeof *s);
+    s->ntab = ntab;
+}
+
+static int store_init(struct ipsecchan_xidx *x, struct store *s)
+{
+    s->nb = MIN_BUCKETS;
+    for (int t = 0; t < s->ntab; t++) {
+        s->t[t].heads = xmalloc(x, s->nb * sizeof(uint32_t));
+        if (!s->t[t].heads)
+            return -1;
+        memset(s->t[t].heads, 0xff, s->nb * sizeof(uint32_t));
+    }
+    return 0;
+}
+
+/* Room for one more entry: a free slot and enough buckets. Changes nothing visible. */
+static int store_reserve(struct ipsecchan_xidx *x, struct store *s)
+{
+    if (!s->nfree && s->top == s->cap) {
+        uint32_t cap = s->cap ? s->cap * 2 : 64;
+        struct hdr **v = xrealloc(x, s->v, (size_t)cap * sizeof *v);
+        if (!v)
+            return -1;
+        s->v = v;
+        uint32_t *f = xrealloc(x, s->free_, (size_t)cap * sizeof *f);
+        if (!f)
+            return -1;
+        s->free_ = f;
+        s->cap = cap;
+    }
+    if (s->n + 1 > s->nb) {
+        uint32_t nb = s->nb * 2;
+        uint32_t *heads[4];
+        for (int t = 0; t < s->ntab; t++) {
+            heads[t] = xmalloc(x, (size_t)nb * sizeof(uint32_t));
+            if (!heads[t]) {
+                while (t--)
+                    xfree(x, heads[t]);
+                return -1;
+            }
+            memset(heads[t], 0xff, (size_t)nb * sizeof(uint32_t));
+        }
+        for (int t = 0; t < s->ntab; t++) {
+            xfree(x, s->t[t].heads);
+            s->t[t].heads = heads[t];
+        }
+        s->nb = nb;
+        for (uint32_t i = 0; i < s->top; i++)
+            if (s->v[i])
+                for (int t = 0; t < s->ntab; t++)
+                    if (in_table(s, x, s->v[i], t))
+                        link_in(s, i, t, entry_hash(s, x, s->v[i], t));
+    }
+    return 0;
+}
+
+static uint32_t store_take_slot(struct store *s)
+{
+    return s->nfree ? s->free_[--s->nfree] : s->top++;
+}
+
+static void store_link_all(struct ipsecchan_xidx *x, struct store *s, uint32_t slot)
+{
+    for (int t = 0; t < s->ntab; t++)
+        if (in_table(s, x, s->v[slot], t))
+            link_in(s, slot, t, entry_hash(s, x, s->v[slot], t));
+}
+
+static void store_unlink_all(struct ipsecchan_xidx *x, struct store *s, uint32_t slot)
+{
+    for (int t = 0; t < s->ntab; t++)
+        unlink_from(x, s, slot, t);
+}
+
+static void store_drop(struct ipsecchan_xidx *x, struct store *s, uint32_t slot)
+{
+    store_unlink_all(x, s, slot);
+    xfree(x, s->v[slot]);
+    s->v[slot] = NULL;
+    s->free_[s->nfree++] = slot;
+    s->n--;
+}
+
+static uint32_t next_serial(struct ipsecchan_xidx *x)
+{
+    if (++x->serial == 0)
+        x->serial = 1;
+    return x->serial;
+}
+
+static inline uint64_t handle_of(uint32_t serial, uint32_t slot)
+{
+    return ((uint64_t)serial << 32) | slot;
+}
+
+/* ---- attribute checks (as messages.py's _Attrs) ---- */
+
+struct attrs {
+    uint32_t mark_v, mark_m, if_id;
+    const uint8_t *tmpl;
+    size_t tmpl_len;
+    int has_tmpl;
+};
+
+#define STACK_SPANS 32
+
+/* Split an attribute stream; *spans is stack or malloc'd (caller frees if != stack). */
+static int split_attrs(const uint8_t *p, size_t len, struct ipsecchan_attrspan *stack,
+                       struct ipsecchan_attrspan **spans, size_t *bad)
+{
+    size_t cap = len / sizeof(struct nlattr) + 1;
+    struct ipsecchan_attrspan *s = cap <= STACK_SPANS ? stack : malloc(cap * sizeof *s);
+    if (!s)
+        return IPSECCHAN_XIDX_ENOMEM;
+    int n = ipsecchan_nla_split(p, len, s, cap, bad);
+    if (n < 0) {
+        if (s != stack)
+            free(s);
+        return IPSECCHAN_XIDX_EATTR;
+    }
+    *spans = s;
+    return n;
+}
+
+static size_t algo_fixed(uint16_t type)
+{
+    switch (type) {
+    case XFRMA_ALG_AEAD: return sizeof(struct xfrm_algo_aead);
+    case XFRMA_ALG_CRYPT: case XFRMA_ALG_AUTH: case XFRMA_ALG_COMP:
+        return sizeof(struct xfrm_algo);
+    case XFRMA_ALG_AUTH_TRUNC: return sizeof(struct xfrm_algo_auth);
+    default: return 0;
+    }
+}
+
+static int check_attr(uint16_t type, const uint8_t *v, size_t n, struct attrs *a)
+{
+    size_t need = algo_fixed(type);
+    if (need)
+        return n >= need ? 0 : IPSECCHAN_XIDX_EATTRLEN;
+    switch (type) {
+    case XFRMA_ENCAP:
+        return n >= sizeof(struct xfrm_encap_tmpl) ? 0 : IPSECCHAN_XIDX_EATTRLEN;
+    case XFRMA_MARK: {
+        struct xfrm_mark m;
+        if (n < sizeof m)
+            return IPSECCHAN_XIDX_EATTRLEN;
+        memcpy(&m, v, sizeof m);
+        a->mark_v = m.v;
+        a->mark_m = m.m;
+        return 0;
+    }
+    case XFRMA_IF_ID:
+        if (n < 4)
+            return IPSECCHAN_XIDX_EATTRLEN;
+        memcpy(&a->if_id, v, 4);
+        return 0;
+    case XFRMA_REPLAY_ESN_VAL:
+        return n >= sizeof(struct xfrm_replay_state_esn) ? 0 : IPSECCHAN_XIDX_EATTRLEN;
+    case XFRMA_REPLAY_VAL:
+        return n >= sizeof(struct xfrm_replay_state) ? 0 : IPSECCHAN_XIDX_EATTRLEN;
+    case XFRMA_SA_DIR_NUM:
+        return n >= 1 ? 0 : IPSECCHAN_XIDX_EATTRLEN;
+    case XFRMA_SEC_CTX: {
+        struct xfrm_user_sec_ctx c;
+        if (n < sizeof c)
+            return IPSECCHAN_XIDX_EATTRLEN;
+        memcpy(&c, v, sizeof c);
+        return n >= sizeof c + c.ctx_len ? 0 : IPSECCHAN_XIDX_EATTRLEN;
+    }
+    case XFRMA_TMPL:
+        a->tmpl = v;
+        a->tmpl_len = n;
+        a->has_tmpl = 1;
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* Check the attributes of a record (tail at buffer offset base). skip: index of a span not
+ * to check (the embedded record of a delete notification), or -1. */
+static int check_spans(const uint8_t *tail, const struct ipsecchan_attrspan *sp, int n,
+                       int skip, size_t base, int policy, struct attrs *a, size_t *bad)
+{
+    memset(a, 0, sizeof *a);
+    for (int i = 0; i < n; i++) {
+        if (i == skip)
+            continue;
+        int r = check_attr(sp[i].type, tail + sp[i].offset, sp[i].len, a);
+        if (r) {
+            *bad = base + sp[i].offset - sizeof(struct nlattr);
+            return r;
+        }
+    }
+    /* decode_policy reads the templates; decode_sa leaves XFRMA_TMPL alone */
+    if (policy && a->tmpl_len % sizeof(struct xfrm_user_tmpl)) {
+        *bad = base;
+        return IPSECCHAN_XIDX_ETMPL;
+    }
+    return 0;
+}
+
+/* ---- SAs ---- */
+
+static int sa_key_find(const struct ipsecchan_xidx *x, uint16_t fam, u128 dst, uint8_t proto,
+                       uint32_t spi, uint32_t *slot)
+{
+    const struct store *s = &x->sa;
+    uint32_t i = s->t[T_KEY].heads[h_key(fam, dst, proto, spi) & (s->nb - 1)];
+    for (; i != NIL; i = s->v[i]->lk[T_KEY].next) {
+        const struct xsa *e = (const struct xsa *)s->v[i];
+        const struct xfrm_usersa_info *in = SAI(e);
+        if (in->family == fam && e->dst == dst && in->id.proto == proto &&
+            ntohl(in->id.spi) == spi) {
+            *slot = i;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int soft_expired(const struct xfrm_usersa_info *i, double now)
+{
+    const struct xfrm_lifetime_cfg *l = &i->lft;
+    if (l->soft_byte_limit != INF && i->curlft.bytes >= l->soft_byte_limit)
+        return 1;
+    if (l->soft_packet_limit != INF && i->curlft.packets >= l->soft_packet_limit)
+        return 1;
+    uint64_t s = l->soft_add_expires_seconds;
+    if (s > 0 && s != INF && i->curlft.add_time) {
+        u128 lim = (u128)i->curlft.add_time + s;
+        if (!(now >= 0))
+            return 0;                         /* negative or NaN */
+        if (now >= 36893488147419103232.0)    /* 2**65 > any lim */
+            return 1;
+        return (u128)now >= lim;              /* lim is whole: now >= lim iff floor(now) >= lim */
+    }
+    return 0;
+}
+
+/* Build (not insert) the SA of a NEWSA/UPDSA payload. */
+static int sa_build(struct ipsecchan_xidx *x, const uint8_t *pl, size_t len, size_t off,
+                    struct xsa **out, size_t *bad)
+{
+    const size_t fixed = sizeof(struct xfrm_usersa_info);
+    if (len < fixed) {
+        *bad = off;
+        return IPSECCHAN_XIDX_ESHORT;
+    }
+    size_t toff = ALIGN4(fixed) < len ? ALIGN4(fixed) : len;
+    struct ipsecchan_attrspan stack[STACK_SPANS], *sp;
+    size_t b;
+    int n = split_attrs(pl + toff, len - toff, stack, &sp, &b);
+    if (n < 0) {
+        *bad = off + toff + b;
+        return n;
+    }
+    struct attrs a;
+    int r = check_spans(pl + toff, sp, n, -1, off + toff, 0, &a, bad);
+    if (r)
+        goto done;
+    size_t mlen = ALIGN4(fixed);
+    for (int i = 0; i < n; i++) {
+        size_t cut = algo_fixed(sp[i].type);
+        mlen += ALIGN4(sizeof(struct nlattr) + (cut ? cut : sp[i].len));
+    }
+    struct xsa *e = xmalloc(x, sizeof *e + mlen);
+    if (!e) {
+        r = IPSECCHAN_XIDX_ENOMEM;
+        goto done;
+    }
+    memset(e, 0, sizeof *e + mlen);
+    memcpy(e->msg, pl, fixed);
+    size_t w = ALIGN4(fixed);
+    for (int i = 0; i < n; i++) {
+        size_t cut = algo_fixed(sp[i].type);
+        size_t vlen = cut ? cut : sp[i].len;
+        struct nlattr h;
+        memcpy(&h, pl + toff + sp[i].offset - sizeof h, sizeof h);
+        h.nla_len = (uint16_t)(sizeof h + vlen);
+        memcpy(e->msg + w, &h, sizeof h);
+        memcpy(e->msg + w + sizeof h, pl + toff + sp[i].offset, vlen);
+        w += ALIGN4(sizeof h + vlen);
+    }
+    e->msg_len = (uint32_t)mlen;
+    const struct xfrm_usersa_info *in = SAI(e);
+    e->dst = norm(in->family, &in->id.daddr);
+    e->src = norm(in->family, &in->saddr);
+    e->mark_v = a.mark_v;
+    e->mark_m = a.mark_m;
+    e->if_id = a.if_id;
+    *out = e;
+done:
+    if (sp != stack)
+        free(sp);
+    return r;
+}
+
+static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now)
+{
+    struct store *s = &x->sa;
+    const struct xfrm_usersa_info *in = SAI(e);
+    uint32_t slot;
+    e->serial = next_serial(x);
+    x->seq++;
+    if (sa_key_find(x, in->family, e->dst, in->id.proto, ntohl(in->id.spi), &slot)) {
+        struct xsa *old = (struct xsa *)s->v[slot];
+        /* An update keeps the SA's place (its sequence number) and its dying mark. */
+        e->seq = old->seq;
+        e->dying = old->dying || soft_expired(in, now);
+        store_unlink_all(x, s, slot);
+        xfree(x, old);
+        s->v[slot] = (struct hdr *)e;
+        store_link_all(x, s, slot);
+        return 0;
+    }
+    if (store_reserve(x, s)) {
+        xfree(x, e);
+        return IPSECCHAN_XIDX_ENOMEM;
+    }
+    e->seq = x->seq;
+    e->dying = (uint8_t)soft_expired(in, now);
+    slot = store_take_slot(s);
+    s->v[slot] = (struct hdr *)e;
+    s->n++;
+    store_link_all(x, s, slot);
+    return 0;
+}
+
+static void sa_remove_key(struct ipsecchan_xidx *x, uint16_t fam, const xfrm_address_t *d,
+                          uint8_t proto, uint32_t spi_be)
+{
+    uint32_t slot;
+    if (sa_key_find(x, fam, norm(fam, d), proto, ntohl(spi_be), &slot))
+        store_drop(x, &x->sa, slot);
+}
+
+static void sa_flush(struct ipsecchan_xidx *x, uint8_t proto)
+{
+    struct store *s = &x->sa;
+    if (proto == 0 || proto == IPSEC_PROTO_ANY) {
+        store_release(x, s);
+        store_init(x, s);   /* MIN_BUCKETS heads; on failure the tables stay empty */
+        return;
+    }
+    for (uint32_t i = 0; i < s->top; i++)
+        if (s->v[i] && SAI((struct xsa *)s->v[i])->id.proto == proto)
+            store_drop(x, s, i);
+}
+
+/* ---- policies ---- */
+
+static int pol_build(struct ipsecchan_xidx *x, const uint8_t *pl, size_t len, size_t off,
+                     struct xpol **out, size_t *bad)
+{
+    const size_t fixed = sizeof(struct xfrm_userpolicy_info);
+    if (len < fixed) {
+        *bad = off;
+        return IPSECCHAN_XIDX_ESHORT;
+    }
+    size_t toff = ALIGN4(fixed) < len ? ALIGN4(fixed) : len;
+    struct ipsecchan_attrspan stack[STACK_SPANS], *sp;
+    size_t b;
+    int n = split_attrs(pl + toff, len - toff, stack, &sp, &b);
+    if (n < 0) {
+        *bad = off + toff + b;
+        return n;
+    }
+    struct attrs a;
+    int r = check_spans(pl + toff, sp, n, -1, off + toff, 1, &a, bad);
+    if (sp != stack)
+        free(sp);
+    if (r)
+        return r;
+    struct xpol *p = x ? xmalloc(x, sizeof *p + len) : malloc(sizeof *p + len);
+    if (!p)
+        return IPSECCHAN_XIDX_ENOMEM;
+    memset(p, 0, sizeof *p);
+    memcpy(p->msg, pl, len);
+    p->msg_len = (uint32_t)len;
+    const struct xfrm_userpolicy_info *pi = POI(p);
+    uint16_t fam = pi->sel.family;
+    unsigned bits = fam_bits(fam);
+    p->family = fam;
+    p->s = norm(fam, &pi->sel.saddr);
+    p->d = norm(fam, &pi->sel.daddr);
+    p->ps = pi->sel.prefixlen_s > bits ? bits : pi->sel.prefixlen_s;
+    p->pd = pi->sel.prefixlen_d > bits ? bits : pi->sel.prefixlen_d;
+    p->key = ((uint64_t)pi->priority << 32) | pi->index;
+    p->dir = pi->dir;
+    p->action = pi->action;
+    p->mark_v = a.mark_v;
+    p->mark_m = a.mark_m;
+    p->if_id = a.if_id;
+    p->ntmpl = (uint32_t)(a.tmpl_len / sizeof(struct xfrm_user_tmpl));
+    p->tmpl_off = a.tmpl ? (uint32_t)(a.tmpl - pl) : 0;
+    *out = p;
+    return 0;
+}
+
+static int cls_add(struct ipsecchan_xidx *x, const struct xpol *p)
+{
+    struct clist *c = &x->cls[p->dir];
+    for (uint32_t i = 0; i < c->n; i++)
+        if (c->v[i].family == p->family && c->v[i].ps == p->ps && c->v[i].pd == p->pd) {
+            c->v[i].count++;
+            if (p->key < c->v[i].minkey)
+                c->v[i].minkey = p->key;
+            return 0;
+        }
+    if (c->n == c->cap) {
+        uint32_t cap = c->cap ? c->cap * 2 : 8;
+        struct cls *v = xrealloc(x, c->v, cap * sizeof *v);
+        if (!v)
+            return -1;
+        c->v = v;
+        c->cap = cap;
+    }
+    c->v[c->n++] = (struct cls){p->family, p->ps, p->pd, 1, p->key};
+    return 0;
+}
+
+static void cls_del(struct ipsecchan_xidx *x, const struct xpol *p)
+{
+    struct clist *c = &x->cls[p->dir];
+    for (uint32_t i = 0; i < c->n; i++)
+        if (c->v[i].family == p->family && c->v[i].ps == p->ps && c->v[i].pd == p->pd) {
+            if (--c->v[i].count == 0)
+                c->v[i] = c->v[--c->n];
+            return;
+        }
+}
+
+static int pol_key_find(const struct ipsecchan_xidx *x, uint8_t dir, uint32_t index,
+                        uint32_t *slot)
+{
+    const struct store *s = &x->pol;
+    uint32_t i = s->t[P_KEY].heads[h_pkey(dir, index) & (s->nb - 1)];
+    for (; i != NIL; i = s->v[i]->lk[P_KEY].next) {
+        const struct xpol *p = (const struct xpol *)s->v[i];
+        if (p->dir == dir && (uint32_t)p->key == index) {
+            *slot = i;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void pol_drop(struct ipsecchan_xidx *x, uint32_t slot)
+{
+    const struct xpol *p = (const struct xpol *)x->pol.v[slot];
+    if (pol_in_tss(p))
+        cls_del(x, p);
+    store_drop(x, &x->pol, slot);
+}
+
+static int pol_put(struct ipsecchan_xidx *x, struct xpol *p)
+{
+    struct store *s = &x->pol;
+    uint32_t slot;
+    int had = pol_key_find(x, p->dir, (uint32_t)p->key, &slot);
+    /* Reserve everything first: a failure leaves the index as it was. */
+    if ((!had && store_reserve(x, s)) || (pol_in_tss(p) && cls_add(x, p))) {
+        xfree(x, p);
+        return IPSECCHAN_XIDX_ENOMEM;
+    }
+    p->serial = next_serial(x);
+    if (had) {
+        const struct xpol *old = (const struct xpol *)s->v[slot];
+        if (pol_in_tss(old))
+            cls_del(x, old);
+        store_unlink_all(x, s, slot);
+        xfree(x, s->v[slot]);
+    } else {
+        slot = store_take_slot(s);
+        s->n++;
+    }
+    p->slot = slot;
+    s->v[slot] = (struct hdr *)p;
+    store_link_all(x, s, slot);
+    return 0;
+}
+
+static void pol_flush(struct ipsecchan_xidx *x)
+{
+    store_release(x, &x->pol);
+    store_init(x, &x->pol);
+    for (int d = 0; d < 2; d++)
+        x->cls[d].n = 0;
+}
+
+/* ---- applying messages ---- */
+
+/* The fixed header and attributes of a delete notification; the first XFRMA_SA/POLICY
+ * attribute is the embedded record (its fixed part), the others describe it. */
+static int check_delete(const uint8_t *pl, size_t len, size_t off, size_t idsize,
+                        size_t recsize, const uint8_t **rec, struct attrs *a, size_t *bad)
+{
+    if (len < idsize) {
+        *bad = off;
+        return IPSECCHAN_XIDX_ESHORT;
+    }
+    size_t toff = ALIGN4(idsize) < len ? ALIGN4(idsize) : len;
+    struct ipsecchan_attrspan stack[STACK_SPANS], *sp;
+    size_t b;
+    int n = split_attrs(pl + toff, len - toff, stack, &sp, &b);
+    if (n < 0) {
+        *bad = off + toff + b;
+        return n;
+    }
+    int r = 0, emb = -1;
+    for (int i = 0; i < n && emb < 0; i++)
+        if (sp[i].type == XFRMA_SA || sp[i].type == XFRMA_POLICY)
+            emb = i;
+    *rec = NULL;
+    if (emb >= 0) {
+        if (sp[emb].len < recsize) {
+            *bad = off + toff + sp[emb].offset - sizeof(struct nlattr);
+            r = IPSECCHAN_XIDX_ESHORT;
+        } else {
+            *rec = pl + toff + sp[emb].offset;
+            r = check_spans(pl + toff, sp, n, emb, off + toff, recsize ==
+                            sizeof(struct xfrm_userpolicy_info), a, bad);
+        }
+    }
+    if (sp != stack)
+        free(sp);
+    return r;
+}
+
+/* One message: 1 if of a handled type and applied, 0 if skipped, < 0 if rejected. */
+static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl, size_t len,
+                     size_t off, double now, size_t *bad)
+{
+    int r;
+    struct attrs a;
+    switch (type) {
+    case XFRM_MSG_NEWSA:
+    case XFRM_MSG_UPDSA: {
+        struct xsa *e;
+        if ((r = sa_build(x, pl, len, off, &e, bad)))
+            return r;
+        return (r = sa_put(x, e, now)) ? r : 1;
+    }
+    case XFRM_MSG_DELSA: {
+        const uint8_t *rec;
+        if ((r = check_delete(pl, len, off, sizeof(struct xfrm_usersa_id),
+                              sizeof(struct xfrm_usersa_info), &rec, &a, bad)))
+            return r;
+        struct xfrm_usersa_id id;
+        memcpy(&id, pl, sizeof id);
+        sa_remove_key(x, id.family, &id.daddr, id.proto, id.spi);
+        return 1;
+    }
+    case XFRM_MSG_EXPIRE: {
+        struct xfrm_user_expire ue;
+        if (len < sizeof ue) {
+            *bad = off;
+            return IPSECCHAN_XIDX_ESHORT;
+        }
+        memcpy(&ue, pl, sizeof ue);
+        const struct xfrm_usersa_info *st = &ue.state;
+        uint32_t slot;
+        if (sa_key_find(x, st->family, norm(st->family, &st->id.daddr), st->id.proto,
+                        ntohl(st->id.spi), &slot)) {
+            if (ue.hard)
+                store_drop(x, &x->sa, slot);
+            else
+                ((struct xsa *)x->sa.v[slot])->dying = 1;
+        }
+        return 1;
+    }
+    case XFRM_MSG_FLUSHSA: {
+        struct xfrm_usersa_flush f;
+        if (len < sizeof f) {
+            *bad = off;
+            return IPSECCHAN_XIDX_ESHORT;
+        }
+        memcpy(&f, pl, sizeof f);
+        sa_flush(x, f.proto);
+        return 1;
+    }
+    case XFRM_MSG_NEWPOLICY:
+    case XFRM_MSG_UPDPOLICY: {
+        struct xpol *p;
+        if ((r = pol_build(x, pl, len, off, &p, bad)))
+            return r;
+        if (p->dir >= XFRM_POLICY_MAX && p->dir < 2 * XFRM_POLICY_MAX) {
+            xfree(x, p);          /* a per-socket policy: not part of the main SPD */
+            return 1;
+        }
+        return (r = pol_put(x, p)) ? r : 1;
+    }
+    case XFRM_MSG_DELPOLICY: {
+        const uint8_t *rec;
+        if ((r = check_delete(pl, len, off, sizeof(struct xfrm_userpolicy_id),
+                              sizeof(struct xfrm_userpolicy_info), &rec, &a, bad)))
+            return r;
+        uint8_t dir;
+        uint32_t index, slot;
+        if (rec) {
+            struct xfrm_userpolicy_info pi;
+            memcpy(&pi, rec, sizeof pi);
+            dir = pi.dir;
+            index = pi.index;
+        } else {
+            struct xfrm_userpolicy_id id;
+            memcpy(&id, pl, sizeof id);
+            dir = id.dir;
+            index = id.index;
+        }
+        if (pol_key_find(x, dir, index, &slot))
+            pol_drop(x, slot);
+        return 1;
+    }
+    case XFRM_MSG_POLEXPIRE: {
+        struct xfrm_user_polexpire pe;
+        uint32_t slot;
+        if (len < sizeof pe) {
+            *bad = off;
+            return IPSECCHAN_XIDX_ESHORT;
+        }
+        memcpy(&pe, pl, sizeof pe);
+        if (pe.hard && pol_key_find(x, pe.pol.dir, pe.pol.index, &slot))
+            pol_drop(x, slot);
+        return 1;
+    }
+    case XFRM_MSG_FLUSHPOLICY:
+        pol_flush(x);
+        return 1;
+    case XFRM_MSG_ACQUIRE:
+        /* Not applied, but decoded by the reference: a short one is an error there too. */
+        if (len < sizeof(struct xfrm_user_acquire)) {
+            *bad = off;
+            return IPSECCHAN_XIDX_ESHORT;
+        }
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *x, const uint8_t *buf, size_t len,
+                             double now, size_t *bad_offset, int64_t *applied)
+{
+    *applied = 0;
+    *bad_offset = 0;
+    if (!x->sa.t[0].heads || !x->pol.t[0].heads) {      /* a flush could not re-allocate */
+        if ((!x->sa.t[0].heads && store_init(x, &x->sa)) ||
+            (!x->pol.t[0].heads && store_init(x, &x->pol)))
+            return IPSECCHAN_XIDX_ENOMEM;
+    }
+    size_t cap = len / sizeof(struct nlmsghdr) + 1;
+    struct ipsecchan_nlspan *sp = malloc(cap * sizeof *sp);
+    if (!sp)
+        return IPSECCHAN_XIDX_ENOMEM;
+    int n = ipsecchan_nl_split(buf, len, sp, cap, bad_offset);
+    if (n < 0) {
+        free(sp);
+        return IPSECCHAN_XIDX_ENETLINK;
+    }
+    int64_t count = 0;
+    for (int i = 0; i < n; i++) {
+        size_t off = sp[i].offset + sizeof(struct nlmsghdr);
+        int r = apply_one(x, sp[i].type, buf + off, sp[i].len - sizeof(struct nlmsghdr), off,
+                          now, bad_offset);
+        if (r < 0) {
+            free(sp);
+            *applied = count;
+            return r;
+        }
+        count += r;
+    }
+    free(sp);
+    *applied = count;
+    return count;
+}
+
+/* ---- lookup ---- */
+
+struct flowc {
+    u128 local, remote;
+    uint32_t mark, if_id;
+    int32_t ifindex;
+    uint16_t family, lport, rport;
+    uint8_t proto;
+};
+
+static inline int prefix_ok(uint16_t ffam, u128 a, u128 n, unsigned plen)
+{
+    if (!famok(ffam) || plen == 0)
+        return 1;
+    unsigned bits = fam_bits(ffam);
+    if (plen > bits)
+        plen = bits;
+    unsigned sh = bits - plen;
+    return (a >> sh) == (n >> sh);
+}
+
+static int sel_match(const struct xfrm_selector *sel, u128 sn, u128 dn, const struct flowc *f,
+                     int out)
+{
+    u128 src = out ? f->local : f->remote, dst = out ? f->remote : f->local;
+    uint16_t sport = out ? f->lport : f->rport, dport = out ? f->rport : f->lport;
+    return !((dport ^ ntohs(sel->dport)) & ntohs(sel->dport_mask))
+        && !((sport ^ ntohs(sel->sport)) & ntohs(sel->sport_mask))
+        && (sel->proto == 0 || sel->proto == f->proto)
+        && (sel->ifindex == 0 || sel->ifindex == f->ifindex)
+        && prefix_ok(f->family, dst, dn, sel->prefixlen_d)
+        && prefix_ok(f->family, src, sn, sel->prefixlen_s);
+}
+
+static int pol_match(const struct xpol *p, const struct flowc *f, int out)
+{
+    return p->family == f->family && p->if_id == f->if_id &&
+           (f->mark & p->mark_m) == p->mark_v &&
+           sel_match(&POI(p)->sel, p->s, p->d, f, out);
+}
+
+static const struct xpol *find_policy(const struct ipsecchan_xidx *x, const struct flowc *f,
+                                      int dir)
+{
+    const struct store *s = &x->pol;
+    const struct clist *c = &x->cls[dir];
+    const struct xpol *best = NULL;
+    uint64_t bestkey = UINT64_MAX;
+    if (!s->n)
+        return NULL;
+    for (uint32_t k = 0; k < c->n; k++) {
+        const struct cls *cl = &c->v[k];
+        if (cl->family != f->family || (best && cl->minkey > bestkey))
+            continue;
+        u128 src = dir ? f->local : f->remote, dst = dir ? f->remote : f->local;
+        uint64_t h = h_tss((uint8_t)dir, cl->family, cl->ps, cl->pd,
+                           tss_addr(cl->family, src, cl->ps), tss_addr(cl->family, dst, cl->pd));
+        for (uint32_t i = s->t[P_TSS].heads[h & (s->nb - 1)]; i != NIL;
+             i = s->v[i]->lk[P_TSS].next) {
+            const struct xpol *p = (const struct xpol *)s->v[i];
+            if (p->key < bestkey && p->dir == dir && pol_match(p, f, dir))
+                best = p, bestkey = p->key;
+        }
+    }
+    return best;
+}
+
+struct tmplc {
+    u128 dst, src;
+    uint32_t spi, reqid;
+    uint16_t family;
+    uint8_t proto, mode, optional;
+};
+
+static void tmpl_at(const struct xpol *p, uint32_t i, struct tmplc *t)
+{
+    struct xfrm_user_tmpl u;
+    memcpy(&u, p->msg + p->tmpl_off + (size_t)i * sizeof u, sizeof u);
+    t->family = u.family;
+    t->dst = norm(u.family, &u.id.daddr);
+    t->src = norm(u.family, &u.saddr);
+    t->spi = ntohl(u.id.spi);
+    t->reqid = u.reqid;
+    t->proto = u.id.proto;
+    t->mode = u.mode;
+    t->optional = u.optional;
+}
+
+static int out_candidate(const struct xsa *e, const struct tmplc *t, const struct xpol *pol,
+                         const struct flowc *f, u128 dst, u128 src)
+{
+    const struct xfrm_usersa_info *i = SAI(e);
+    uint16_t fam = t->family;
+    uint32_t spi = ntohl(i->id.spi);
+    if (i->family != fam || i->reqid != t->reqid || i->mode != t->mode ||
+        i->id.proto != t->proto || (t->spi && spi != t->spi) || spi == 0 ||
+        ((pol->mark_v & pol->mark_m) & e->mark_m) != e->mark_v || e->if_id != pol->if_id ||
+        (i->flags & STATE_WILDRECV))
+        return 0;
+    u128 sd = cmpv(fam, e->dst), ss = cmpv(fam, e->src), fs = cmpv(fam, src);
+    if (cmpv(fam, dst) != sd || !(fs == ss || fs == 0 || ss == 0))
+        return 0;
+    const struct xfrm_selector *sel = &i->sel;
+    return sel->family == 0 || (sel->family == f->family &&
+        sel_match(sel, norm(sel->family, &sel->saddr), norm(sel->family, &sel->daddr), f, 1));
+}
+
+static int in_accepts(const struct xsa *e, const struct tmplc *t, const struct xpol *pol,
+                      const struct flowc *f)
+{
+    const struct xfrm_usersa_info *i = SAI(e);
+    uint16_t fam = t->family;
+    uint32_t spi = ntohl(i->id.spi);
+    if (t->mode == XFRM_MODE_TRANSPORT) {
+        if (i->family != f->family || cmpv(fam, e->dst) != cmpv(fam, f->local))
+            return 0;
+    } else {
+        u128 ts = cmpv(fam, t->src);
+        if (i->family != fam || cmpv(fam, e->dst) != cmpv(fam, t->dst) ||
+            !(ts == 0 || ts == cmpv(fam, e->src)))
+            return 0;
+    }
+    if (spi == 0 || i->id.proto != t->proto || i->mode != t->mode ||
+        (t->spi && spi != t->spi) || (t->reqid && i->reqid != t->reqid) ||
+        (pol->if_id && e->if_id != pol->if_id))
+        return 0;
+    const struct xfrm_selector *sel = &i->sel;
+    return sel_match(sel, norm(sel->family, &sel->saddr), norm(sel->family, &sel->daddr), f, 0);
+}
+
+struct writer { uint64_t *out; size_t cap, n; };
+
+static inline void put(struct writer *w, uint64_t v)
+{
+    if (w->n < w->cap)
+        w->out[w->n] = v;
+    w->n++;
+}
+
+static inline uint64_t sa_handle(const struct ipsecchan_xidx *x, uint32_t slot)
+{
+    return handle_of(((const struct xsa *)x->sa.v[slot])->serial, slot);
+}
+
+static uint64_t pol_handle(const struct ipsecchan_xidx *x, const struct xpol *p,
+                           const struct xpol *sock)
+{
+    if (!p)
+        return 0;
+    if (p == sock)
+        return IPSECCHAN_XIDX_SOCKET_POLICY;
+    (void)x;
+    return handle_of(p->serial, p->slot);
+}
+
+/* A growable array of slots. */
+struct slots { uint32_t *v, n, cap; uint32_t stack[16]; };
+
+static int slots_push(struct slots *s, uint32_t slot)
+{
+    if (s->n == s->cap) {
+        uint32_t cap = s->cap * 2;
+        uint32_t *v = s->v == s->stack ? malloc(cap * sizeof *v) : realloc(s->v, cap * sizeof *v);
+        if (!v)
+            return -1;
+        if (s->v == s->stack)
+            memcpy(v, s->stack, sizeof s->stack);
+        s->v = v;
+        s->cap = cap;
+    }
+    s->v[s->n++] = slot;
+    return 0;
+}
+
+static void slots_init(struct slots *s) { s->v = s->stack; s->n = 0; s->cap = 16; }
+static void slots_free(struct slots *s) { if (s->v != s->stack) free(s->v); }
+
+static int out_path(const struct ipsecchan_xidx *x, const struct flowc *f,
+                    const struct xpol *pol, const struct xpol *sock, unsigned defaults,
+                    struct writer *w)
+{
+    if (!pol) {
+        put(w, defaults & IPSECCHAN_XIDX_DEFAULT_OUT_BLOCK ? IPSECCHAN_XIDX_BLOCK
+                                                          : IPSECCHAN_XIDX_NO_POLICY);
+        put(w, 0); put(w, 0); put(w, 0);
+        return 0;
+    }
+    uint64_t ph = pol_handle(x, pol, sock), flags = pol == sock;
+    if (pol->action == XFRM_POLICY_BLOCK) {
+        put(w, IPSECCHAN_XIDX_BLOCK); put(w, ph); put(w, flags); put(w, 0);
+        return 0;
+    }
+    struct slots chosen;
+    slots_init(&chosen);
+    const struct store *s = &x->sa;
+    for (uint32_t k = 0; k < pol->ntmpl; k++) {
+        struct tmplc t;
+        tmpl_at(pol, k, &t);
+        int tunnel = t.mode == XFRM_MODE_TUNNEL || t.mode == XFRM_MODE_BEET;
+        u128 dst = tunnel ? t.dst : f->remote;
+        u128 src = tunnel ? (cmpv(t.family, t.src) == 0 ? f->local : t.src) : f->local;
+        const struct xsa *best = NULL;
+        uint32_t bslot = NIL;
+        if (s->n) {
+            uint64_t h = h_out(t.family, t.reqid, t.proto, t.mode, cmpv(t.family, dst));
+            for (uint32_t i = s->t[T_OUT].heads[h & (s->nb - 1)]; i != NIL;
+                 i = s->v[i]->lk[T_OUT].next) {
+                const struct xsa *e = (const struct xsa *)s->v[i];
+                if (!out_candidate(e, &t, pol, f, dst, src))
+                    continue;
+                /* rank: not dying, then the newest add_time, then the latest inserted */
+                if (!best || (!e->dying > !best->dying) ||
+                    (!e->dying == !best->dying &&
+                     (SAI(e)->curlft.add_time > SAI(best)->curlft.add_time ||
+                      (SAI(e)->curlft.add_time == SAI(best)->curlft.add_time &&
+                       e->seq > best->seq))))
+                    best = e, bslot = i;
+            }
+        }
+        if (!best) {
+            if (t.optional)
+                continue;
+            put(w, IPSECCHAN_XIDX_NO_SA); put(w, ph); put(w, flags); put(w, 0);
+            slots_free(&chosen);
+            return 0;
+        }
+        if (slots_push(&chosen, bslot)) {
+            slots_free(&chosen);
+            return IPSECCHAN_XIDX_ENOMEM;
+        }
+    }
+    put(w, chosen.n ? IPSECCHAN_XIDX_PROTECTED : IPSECCHAN_XIDX_BYPASS);
+    put(w, ph); put(w, flags); put(w, chosen.n);
+    for (uint32_t k = 0; k < chosen.n; k++)
+        put(w, sa_handle(x, chosen.v[k]));
+    slots_free(&chosen);
+    return 0;
+}
+
+static const struct xsa *sa_at(const struct ipsecchan_xidx *x, uint32_t slot)
+{
+    return (const struct xsa *)x->sa.v[slot];
+}
+
+static const struct ipsecchan_xidx *sort_ctx;
+
+static int by_seq(const void *a, const void *b)
+{
+    uint64_t sa = sa_at(sort_ctx, *(const uint32_t *)a)->seq;
+    uint64_t sb = sa_at(sort_ctx, *(const uint32_t *)b)->seq;
+    return sa < sb ? -1 : sa > sb;
+}
+
+static void sort_by_seq(const struct ipsecchan_xidx *x, uint32_t *v, uint32_t n)
+{
+    /* Chains are short: insertion sort, no shared state. Long ones: qsort. */
+    if (n <= 32) {
+        for (uint32_t i = 1; i < n; i++) {
+            uint32_t k = v[i], j = i;
+            uint64_t sk = sa_at(x, k)->seq;
+            while (j && sa_at(x, v[j - 1])->seq > sk) {
+                v[j] = v[j - 1];
+                j--;
+            }
+            v[j] = k;
+        }
+        return;
+    }
+    sort_ctx = x;
+    qsort(v, n, sizeof *v, by_seq);
+}
+
+static int in_path(const struct ipsecchan_xidx *x, const struct flowc *f,
+                   const struct xpol *pol, const struct xpol *sock, unsigned defaults,
+                   struct writer *w)
+{
+    if (!pol) {
+        int block = defaults & IPSECCHAN_XIDX_DEFAULT_IN_BLOCK;
+        put(w, block ? IPSECCHAN_XIDX_BLOCK : IPSECCHAN_XIDX_NO_POLICY);
+        put(w, 0); put(w, block ? 0 : 2); put(w, 0);
+        return 0;
+    }
+    uint64_t ph = pol_handle(x, pol, sock), flags = pol == sock;
+    if (pol->action == XFRM_POLICY_BLOCK) {
+        put(w, IPSECCHAN_XIDX_BLOCK); put(w, ph); put(w, flags); put(w, 0);
+        return 0;
+    }
+    if (!pol->ntmpl) {
+        put(w, IPSECCHAN_XIDX_BYPASS); put(w, ph); put(w, flags | 2); put(w, 0);
+        return 0;
+    }
+    const struct store *s = &x->sa;
+    struct slots acc, these;
+    slots_init(&acc);
+    slots_init(&these);
+    int missing = 0, all_optional = 1, r = 0;
+    for (uint32_t k = 0; k < pol->ntmpl && !r; k++) {
+        struct tmplc t;
+        tmpl_at(pol, k, &t);
+        int transport = t.mode == XFRM_MODE_TRANSPORT;
+        these.n = 0;
+        if (!s->n) {
+            /* nothing */
+        } else if (!famok(t.family) || (transport && !famok(f->family))) {
+            for (uint32_t i = 0; i < s->top && !r; i++)
+                if (s->v[i] && in_accepts(sa_at(x, i), &t, pol, f))
+                    r = slots_push(&these, i);
+        } else {
+            u128 X = transport ? f->local : t.dst;
+            int tab;
+            uint64_t h;
+            if (t.spi)
+                tab = T_KEY, h = h_key(transport ? f->family : t.family, X, t.proto, t.spi);
+            else if (t.reqid)
+                tab = T_INR, h = h_inr(X, t.proto, t.mode, t.reqid);
+            else
+                tab = T_IN, h = h_in(X, t.proto, t.mode);
+            for (uint32_t i = s->t[tab].heads[h & (s->nb - 1)]; i != NIL && !r;
+                 i = s->v[i]->lk[tab].next)
+                if (in_accepts(sa_at(x, i), &t, pol, f))
+                    r = slots_push(&these, i);
+        }
+        sort_by_seq(x, these.v, these.n);
+        for (uint32_t i = 0; i < these.n && !r; i++) {
+            int dup = 0;
+            if (k)
+                for (uint32_t j = 0; j < acc.n && !dup; j++)
+                    dup = acc.v[j] == these.v[i];
+            if (!dup)
+                r = slots_push(&acc, these.v[i]);
+        }
+        missing |= !these.n && !t.optional;
+        all_optional &= t.optional != 0;
+    }
+    if (!r) {
+        put(w, missing ? IPSECCHAN_XIDX_NO_SA : IPSECCHAN_XIDX_PROTECTED);
+        put(w, ph); put(w, flags | (all_optional ? 2 : 0)); put(w, acc.n);
+        for (uint32_t k = 0; k < acc.n; k++)
+            put(w, sa_handle(x, acc.v[k]));
+    }
+    slots_free(&acc);
+    slots_free(&these);
+    return r ? IPSECCHAN_XIDX_ENOMEM : 0;
+}
+
+static int sock_policy(const char *msg, size_t len, struct xpol **out)
+{
+    size_t bad;
+    *out = NULL;
+    if (!msg)
+        return 0;
+    return pol_build(NULL, (const uint8_t *)msg, len, 0, out, &bad);
+}
+
+int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *x, uint16_t family,
+                              uint8_t proto, const char *local, uint16_t local_port,
+                              const char *remote, uint16_t remote_port, uint32_t mark,
+                              int32_t ifindex, uint32_t if_id,
+                              const char *sock_out, size_t sock_out_len,
+                              const char *sock_in, size_t sock_in_len,
+                              unsigned defaults, uint64_t *out, size_t out_cap)
+{
+    struct flowc f = {
+        .local = load_be((const uint8_t *)local, 16),
+        .remote = load_be((const uint8_t *)remote, 16),
+        .mark = mark, .if_id = if_id, .ifindex = ifindex, .family = family,
+        .lport = local_port, .rport = remote_port, .proto = proto,
+    };
+    struct xpol *so, *si;
+    int r = sock_policy(sock_out, sock_out_len, &so);
+    if (r)
+        return r;
+    if ((r = sock_policy(sock_in, sock_in_len, &si))) {
+        free(so);
+        return r;
+    }
+    struct writer w = {out, out_cap, 0};
+    const struct xpol *po = so && pol_match(so, &f, 1) ? so : find_policy(x, &f, 1);
+    const struct xpol *pi = si && pol_match(si, &f, 0) ? si : find_policy(x, &f, 0);
+    r = out_path(x, &f, po, so, defaults, &w);
+    if (!r)
+        r = in_path(x, &f, pi, si, defaults, &w);
+    free(so);
+    free(si);
+    return r ? r : (int64_t)w.n;
+}
+
+/* ---- views and lifecycle ---- */
+
+size_t ipsecchan_xidx_sa_count(const struct ipsecchan_xidx *x) { return x->sa.n; }
+size_t ipsecchan_xidx_policy_count(const struct ipsecchan_xidx *x) { return x->pol.n; }
+size_t ipsecchan_xidx_memory(const struct ipsecchan_xidx *x) { return x->mem; }
+
+struct seqh { uint64_t seq, handle; };
+
+static int by_seqh(const void *a, const void *b)
+{
+    uint64_t x = ((const struct seqh *)a)->seq, y = ((const struct seqh *)b)->seq;
+    return x < y ? -1 : x > y;
+}
+
+size_t ipsecchan_xidx_sa_handles(const struct ipsecchan_xidx *x, uint64_t *out, size_t max)
+{
+    const struct store *s = &x->sa;
+    struct seqh *v = malloc(((size_t)s->n + 1) * sizeof *v);
+    if (!v)
+        return 0;
+    size_t n = 0;
+    for (uint32_t i = 0; i < s->top; i++)
+        if (s->v[i])
+            v[n++] = (struct seqh){sa_at(x, i)->seq, sa_handle(x, i)};
+    qsort(v, n, sizeof *v, by_seqh);
+    for (size_t i = 0; i < n && i < max; i++)
+        out[i] = v[i].handle;
+    free(v);
+    return n;
+}
+
+size_t ipsecchan_xidx_policy_handles(const struct ipsecchan_xidx *x, uint64_t *out,
+                                     size_t max)
+{
+    const struct store *s = &x->pol;
+    size_t n = 0;
+    for (uint32_t i = 0; i < s->top; i++)
+        if (s->v[i]) {
+            if (n < max)
+                out[n] = handle_of(((const struct xpol *)s->v[i])->serial, i);
+            n++;
+        }
+    return n;
+}
+
+static const struct hdr *resolve(const struct store *s, uint64_t h, int is_sa)
+{
+    uint32_t slot = (uint32_t)h, serial = (uint32_t)(h >> 32);
+    if (slot >= s->top || !s->v[slot])
+        return NULL;
+    uint32_t have = is_sa ? ((const struct xsa *)s->v[slot])->serial
+                          : ((const struct xpol *)s->v[slot])->serial;
+    return have == serial ? s->v[slot] : NULL;
+}
+
+const uint8_t *ipsecchan_xidx_sa_message(const struct ipsecchan_xidx *x, uint64_t handle,
+                                         size_t *len)
+{
+    const struct xsa *e = (const struct xsa *)resolve(&x->sa, handle, 1);
+    *len = e ? e->msg_len : 0;
+    return e ? e->msg : NULL;
+}
+
+const uint8_t *ipsecchan_xidx_policy_message(const struct ipsecchan_xidx *x,
+                                             uint64_t handle, size_t *len)
+{
+    const struct xpol *p = (const struct xpol *)resolve(&x->pol, handle, 0);
+    *len = p ? p->msg_len : 0;
+    return p ? p->msg : NULL;
+}
+
+struct ipsecchan_xidx *ipsecchan_xidx_new(void)
+{
+    struct ipsecchan_xidx *x = calloc(1, sizeof *x);
+    if (!x)
+        return NULL;
+    x->mem = malloc_usable_size(x) + sizeof(size_t);
+    x->sa.ntab = 4;
+    x->pol.ntab = 2;
+    if (store_init(x, &x->sa) || store_init(x, &x->pol)) {
+        ipsecchan_xidx_free(x);
+        return NULL;
+    }
+    return x;
+}
+
+void ipsecchan_xidx_clear(struct ipsecchan_xidx *x)
+{
+    sa_flush(x, 0);
+    pol_flush(x);
+}
+
+void ipsecchan_xidx_free(struct ipsecchan_xidx *x)
+{
+    if (!x)
+        return;
+    store_release(x, &x->sa);
+    store_release(x, &x->pol);
+    for (int d = 0; d < 2; d++)
+        xfree(x, x->cls[d].v);
+    free(x);
+}
+
+int64_t ipsecchan_xidx_bench(const struct ipsecchan_xidx *x,
+                             const struct ipsecchan_xidx_flow *flows, size_t nflows,
+                             size_t rounds, unsigned defaults, uint64_t *ns_out)
+{
+    uint64_t out[256];
+    int64_t total = 0;
+    for (size_t r = 0; r < rounds; r++)
+        for (size_t i = 0; i < nflows; i++) {
+            const struct ipsecchan_xidx_flow *f = &flows[i];
+            struct timespec a, b;
+            clock_gettime(CLOCK_MONOTONIC, &a);
+            int64_t n = ipsecchan_xidx_lookup(x, f->family, f->proto, f->local, f->local_port,
+                                              f->remote, f->remote_port, f->mark, f->ifindex,
+                                              f->if_id, NULL, 0, NULL, 0, defaults, out, 256);
+            clock_gettime(CLOCK_MONOTONIC, &b);
+            if (n < 0)
+                return n;
+            total += n;
+            ns_out[r * nflows + i] = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000u +
+                                     (uint64_t)(b.tv_nsec - a.tv_nsec);
+        }
+    return total;
+}

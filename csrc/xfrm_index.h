@@ -1,0 +1,99 @@
+/* The SAD/SPD index: XFRM netlink messages in, the kernel's lookup answer out.
+ *
+ * Fed with raw netlink buffers (dump parts or multicast notifications); every length is
+ * checked (csrc/nlmsg.c walks the headers and attributes). The answers are those of the
+ * reference model, ipsecchan/xfrm/lookup.py (ReferenceIndex), which is the specification.
+ *
+ * Each SA and policy keeps the lookup fields in compact form plus a copy of its message
+ * (SAs without key bytes: algorithm attributes are cut to their fixed part, alg_key_len
+ * kept), so that the Python wrapper decodes exactly the record decode_sa/decode_policy gives.
+ *
+ * Records are named by 64-bit handles: (serial << 32) | slot. A handle goes stale when its
+ * record is replaced or removed (the serial changes), so a cache keyed by handle is exact. */
+#ifndef IPSECCHAN_XFRM_INDEX_H
+#define IPSECCHAN_XFRM_INDEX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct ipsecchan_xidx;
+
+enum {
+    IPSECCHAN_XIDX_ENOMEM = -100,    /* allocation failed; the index is unchanged */
+    IPSECCHAN_XIDX_ENETLINK = -101,  /* a netlink header does not parse: nothing applied */
+    IPSECCHAN_XIDX_ESHORT = -102,    /* a message's fixed part is too short */
+    IPSECCHAN_XIDX_EATTR = -103,     /* an attribute stream does not parse */
+    IPSECCHAN_XIDX_EATTRLEN = -104,  /* a known attribute is shorter than its structure */
+    IPSECCHAN_XIDX_ETMPL = -105,     /* XFRMA_TMPL not a whole number of templates */
+};
+
+/* Verdicts (lookup.py's PROTECTED, BYPASS, BLOCK, NO_POLICY, NO_SA). */
+enum {
+    IPSECCHAN_XIDX_PROTECTED = 0,
+    IPSECCHAN_XIDX_BYPASS = 1,
+    IPSECCHAN_XIDX_BLOCK = 2,
+    IPSECCHAN_XIDX_NO_POLICY = 3,
+    IPSECCHAN_XIDX_NO_SA = 4,
+};
+
+#define IPSECCHAN_XIDX_DEFAULT_IN_BLOCK 1u
+#define IPSECCHAN_XIDX_DEFAULT_OUT_BLOCK 2u
+/* Policy "handle" meaning: the per-socket policy passed to the lookup. 0: no policy. */
+#define IPSECCHAN_XIDX_SOCKET_POLICY 1u
+
+struct ipsecchan_xidx *ipsecchan_xidx_new(void);
+void ipsecchan_xidx_free(struct ipsecchan_xidx *idx);
+void ipsecchan_xidx_clear(struct ipsecchan_xidx *idx);
+
+/* Apply a buffer of netlink messages. now: wall-clock seconds, for the soft add-time limit.
+ * Returns how many messages of the handled types were applied (ReferenceIndex.apply's
+ * count), or a negative IPSECCHAN_XIDX_E* code; then *bad_offset is the byte offset of the
+ * offending header or attribute and *applied how many messages before it were applied (a
+ * rejected message changes nothing; a header error rejects the whole buffer). */
+int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *idx, const uint8_t *buf, size_t len,
+                             double now, size_t *bad_offset, int64_t *applied);
+
+size_t ipsecchan_xidx_memory(const struct ipsecchan_xidx *idx);
+size_t ipsecchan_xidx_sa_count(const struct ipsecchan_xidx *idx);
+size_t ipsecchan_xidx_policy_count(const struct ipsecchan_xidx *idx);
+
+/* Handles of every SA in insertion order (up to max); returns the count. */
+size_t ipsecchan_xidx_sa_handles(const struct ipsecchan_xidx *idx, uint64_t *out, size_t max);
+size_t ipsecchan_xidx_policy_handles(const struct ipsecchan_xidx *idx, uint64_t *out,
+                                     size_t max);
+/* The stored message (payload) of a record; NULL for a stale handle. */
+const uint8_t *ipsecchan_xidx_sa_message(const struct ipsecchan_xidx *idx, uint64_t handle,
+                                         size_t *len);
+const uint8_t *ipsecchan_xidx_policy_message(const struct ipsecchan_xidx *idx,
+                                             uint64_t handle, size_t *len);
+
+/* The lookup. Addresses are 16-byte big-endian integers (an IPv4 address in the last four
+ * bytes), as lookup.py's _addr_int gives them. sock_out/sock_in: a per-socket policy as an
+ * XFRM_MSG_NEWPOLICY payload, or NULL. out receives, for OUT then IN:
+ *   verdict, policy handle (0 none, 1 the socket policy), flags (1 per-socket,
+ *   2 cleartext accepted), n, then n SA handles.
+ * Returns the number of words the answer takes (when more than out_cap, out holds only the
+ * first out_cap; call again with room), or a negative code for a malformed socket policy. */
+int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *idx, uint16_t family,
+                              uint8_t proto, const char *local, uint16_t local_port,
+                              const char *remote, uint16_t remote_port, uint32_t mark,
+                              int32_t ifindex, uint32_t if_id,
+                              const char *sock_out, size_t sock_out_len,
+                              const char *sock_in, size_t sock_in_len,
+                              unsigned defaults, uint64_t *out, size_t out_cap);
+
+/* For benchmarks: the lookup of each flow, `rounds` times, timed one by one in C
+ * (CLOCK_MONOTONIC); ns_out gets nflows * rounds durations. Returns the total number of
+ * answer words (to keep the work observable), or a negative code. */
+struct ipsecchan_xidx_flow {
+    char local[16], remote[16];
+    uint32_t mark, if_id;
+    int32_t ifindex;
+    uint16_t family, local_port, remote_port;
+    uint8_t proto;
+};
+int64_t ipsecchan_xidx_bench(const struct ipsecchan_xidx *idx,
+                             const struct ipsecchan_xidx_flow *flows, size_t nflows,
+                             size_t rounds, unsigned defaults, uint64_t *ns_out);
+
+#endif

@@ -1,0 +1,217 @@
+"""The SAD/SPD index in C (csrc/xfrm_index.c): ReferenceIndex's answers, fast.
+
+Fed with raw XFRM netlink buffers (dump parts, multicast notifications); the C side checks
+every length, keeps per SA and policy the lookup fields in compact form and a copy of its
+message without key bytes, and answers lookups. The records handed back are decoded from
+those copies by messages.decode_sa / decode_policy, so they equal what the reference model
+(ipsecchan.xfrm.lookup.ReferenceIndex) holds for the same message stream.
+
+Not thread-safe: one Index per thread, or a lock around it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import time
+from functools import lru_cache
+from typing import Iterable, Mapping
+
+from ipsecchan._native import ffi, lib
+from ipsecchan.xfrm import encode
+from ipsecchan.xfrm.lookup import (BLOCK, BYPASS, NO_POLICY, NO_SA, PROTECTED, Flow, Lookup,
+                                   PathResult)
+from ipsecchan.xfrm.messages import Policy, SA, decode_policy, decode_sa
+
+__all__ = ["Index", "IndexFormatError"]
+
+_VERDICTS = {lib.IPSECCHAN_XIDX_PROTECTED: PROTECTED, lib.IPSECCHAN_XIDX_BYPASS: BYPASS,
+             lib.IPSECCHAN_XIDX_BLOCK: BLOCK, lib.IPSECCHAN_XIDX_NO_POLICY: NO_POLICY,
+             lib.IPSECCHAN_XIDX_NO_SA: NO_SA}
+
+_ERRORS = {
+    lib.IPSECCHAN_XIDX_ENETLINK: "malformed netlink header (nothing applied)",
+    lib.IPSECCHAN_XIDX_ESHORT: "message or embedded record shorter than its structure",
+    lib.IPSECCHAN_XIDX_EATTR: "malformed attribute stream",
+    lib.IPSECCHAN_XIDX_EATTRLEN: "attribute shorter than its structure",
+    lib.IPSECCHAN_XIDX_ETMPL: "XFRMA_TMPL is not a whole number of templates",
+}
+
+
+class IndexFormatError(ValueError):
+    """A buffer the index rejected. `offset`: the byte offset of the bad header or attribute;
+    `applied`: how many messages before it were applied (the rejected one changed nothing;
+    a bad netlink header rejects the whole buffer)."""
+
+    def __init__(self, code: int, offset: int, applied: int):
+        self.code, self.offset, self.applied = code, offset, applied
+        super().__init__(f"XFRM message rejected at offset {offset}: "
+                         f"{_ERRORS.get(code, f'error {code}')} ({applied} applied before it)")
+
+
+@lru_cache(maxsize=1 << 16)
+def _addr16(text: str) -> bytes:
+    """An address as lookup._addr_int reads it, as 16 big-endian bytes."""
+    return int(ipaddress.ip_address(text)).to_bytes(16, "big") if text else bytes(16)
+
+
+class Index:
+    """The SAD and main SPD of one network namespace, and the kernel's lookup over them;
+    the same interface and answers as lookup.ReferenceIndex."""
+
+    def __init__(self, default_in: str = "accept", default_out: str = "accept"):
+        ptr = lib.ipsecchan_xidx_new()
+        if ptr == ffi.NULL:
+            raise MemoryError("ipsecchan_xidx_new")
+        self._x = ffi.gc(ptr, lib.ipsecchan_xidx_free)
+        self.default_in = default_in
+        self.default_out = default_out
+        self._sa_cache: dict[int, SA] = {}
+        self._pol_cache: dict[int, Policy] = {}
+        self._sock_cache: dict[Policy, bytes] = {}
+        self._paths: dict = {}
+        self._cap = 256
+        self._out = ffi.new("uint64_t[]", self._cap)
+        self._len = ffi.new("size_t *")
+        self._bad = ffi.new("size_t *")
+        self._applied = ffi.new("int64_t *")
+
+    # -- lifecycle --
+    def close(self) -> None:
+        """Free the C side now (it is freed with the object otherwise)."""
+        if self._x is not None:
+            ffi.release(self._x)
+            self._x = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- mutation --
+    def apply(self, data, *, now: float | None = None) -> int:
+        """Apply a buffer of netlink messages; returns how many were of the handled types
+        (ReferenceIndex.apply's count). Raises IndexFormatError on a malformed message."""
+        view = ffi.from_buffer(data)
+        r = lib.ipsecchan_xidx_apply(self._x, view, len(view),
+                                     time.time() if now is None else now,
+                                     self._bad, self._applied)
+        if r < 0:
+            if r == lib.IPSECCHAN_XIDX_ENOMEM:
+                raise MemoryError("XFRM index: out of memory")
+            raise IndexFormatError(r, self._bad[0], self._applied[0])
+        return r
+
+    def load(self, sas: Iterable[SA], policies: Iterable[Policy], *,
+             now: float | None = None) -> None:
+        """Replace the whole view by a fresh dump (encoded, then applied)."""
+        data = encode.dump(sas, policies)
+        self.clear()
+        self.apply(data, now=now)
+
+    def clear(self) -> None:
+        lib.ipsecchan_xidx_clear(self._x)
+        self._paths.clear()
+        self._sa_cache.clear()
+        self._pol_cache.clear()
+
+    # -- views --
+    def _sa(self, h: int) -> SA:
+        sa = self._sa_cache.get(h)
+        if sa is None:
+            ptr = lib.ipsecchan_xidx_sa_message(self._x, h, self._len)
+            sa = decode_sa(bytes(ffi.buffer(ptr, self._len[0])))
+            if len(self._sa_cache) > 2 * lib.ipsecchan_xidx_sa_count(self._x) + 1024:
+                self._sa_cache.clear()       # stale handles: start over
+            self._sa_cache[h] = sa
+        return sa
+
+    def _policy(self, h: int) -> Policy:
+        pol = self._pol_cache.get(h)
+        if pol is None:
+            ptr = lib.ipsecchan_xidx_policy_message(self._x, h, self._len)
+            pol = decode_policy(bytes(ffi.buffer(ptr, self._len[0])))
+            if len(self._pol_cache) > 2 * lib.ipsecchan_xidx_policy_count(self._x) + 1024:
+                self._pol_cache.clear()
+            self._pol_cache[h] = pol
+        return pol
+
+    def sas(self) -> list[SA]:
+        """Every SA, in insertion order (an update keeps the SA's place)."""
+        n = lib.ipsecchan_xidx_sa_count(self._x)
+        buf = ffi.new("uint64_t[]", n + 1)
+        n = lib.ipsecchan_xidx_sa_handles(self._x, buf, n + 1)
+        return [self._sa(h) for h in ffi.unpack(buf, n)]
+
+    def policies(self) -> list[Policy]:
+        n = lib.ipsecchan_xidx_policy_count(self._x)
+        buf = ffi.new("uint64_t[]", n + 1)
+        n = lib.ipsecchan_xidx_policy_handles(self._x, buf, n + 1)
+        return sorted((self._policy(h) for h in ffi.unpack(buf, n)),
+                      key=lambda p: (p.dir, p.index))
+
+    def __len__(self) -> int:
+        return lib.ipsecchan_xidx_sa_count(self._x) + lib.ipsecchan_xidx_policy_count(self._x)
+
+    def memory_bytes(self) -> int:
+        """Bytes the C side holds (malloc'd blocks, with their headers)."""
+        return lib.ipsecchan_xidx_memory(self._x)
+
+    # -- lookup --
+    def _sock(self, pol: Policy | None):
+        if pol is None:
+            return ffi.NULL, 0
+        raw = self._sock_cache.get(pol)
+        if raw is None:
+            if len(self._sock_cache) > 1024:
+                self._sock_cache.clear()
+            raw = self._sock_cache[pol] = encode.encode_policy(pol)
+        return raw, len(raw)
+
+    def lookup(self, flow: Flow, socket_policies: Mapping[str, Policy] | None = None
+               ) -> Lookup:
+        so = si = None
+        so_raw = si_raw = ffi.NULL
+        so_len = si_len = 0
+        if socket_policies:
+            so, si = socket_policies.get("out"), socket_policies.get("in")
+            so_raw, so_len = self._sock(so)
+            si_raw, si_len = self._sock(si)
+        defaults = (lib.IPSECCHAN_XIDX_DEFAULT_IN_BLOCK if self.default_in == "block" else 0) \
+            | (lib.IPSECCHAN_XIDX_DEFAULT_OUT_BLOCK if self.default_out == "block" else 0)
+        while True:
+            n = lib.ipsecchan_xidx_lookup(
+                self._x, flow.family, flow.proto, _addr16(flow.local), flow.local_port,
+                _addr16(flow.remote), flow.remote_port, flow.mark, flow.ifindex, flow.if_id,
+                so_raw, so_len, si_raw, si_len, defaults, self._out, self._cap)
+            if n < 0:
+                if n == lib.IPSECCHAN_XIDX_ENOMEM:
+                    raise MemoryError("XFRM index: out of memory")
+                raise ValueError(f"malformed per-socket policy (error {n})")
+            if n <= self._cap:
+                break
+            self._cap = max(n, 2 * self._cap)
+            self._out = ffi.new("uint64_t[]", self._cap)
+        v = ffi.unpack(self._out, n)
+        k = 4 + v[3]
+        # A path is named by its answer words (handles name immutable records): cache it.
+        paths = self._paths
+        key_out = ("out", tuple(v[:k]), so if v[1] == 1 else None)
+        key_in = ("in", tuple(v[k:]), si if v[k + 1] == 1 else None)
+        out = paths.get(key_out)
+        if out is None:
+            out = self._path(key_out)
+        inbound = paths.get(key_in)
+        if inbound is None:
+            inbound = self._path(key_in)
+        return Lookup(flow, out, inbound)
+
+    def _path(self, key) -> PathResult:
+        direction, (verdict, ph, flags, n, *handles), sock = key
+        pol = None if ph == 0 else sock if ph == lib.IPSECCHAN_XIDX_SOCKET_POLICY \
+            else self._policy(ph)
+        res = PathResult(direction, _VERDICTS[verdict], pol, bool(flags & 1),
+                         tuple([self._sa(h) for h in handles]), bool(flags & 2))
+        if len(self._paths) > 4 * len(self) + 4096:
+            self._paths.clear()
+        self._paths[key] = res
+        return res
