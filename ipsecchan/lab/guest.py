@@ -27,7 +27,7 @@ MODULES = [
     "esp4", "esp6", "ah4", "ah6", "xfrm_user", "veth", "bridge",
     "gcm", "ghash-generic", "ctr", "seqiv", "echainiv", "authenc", "authencesn", "cbc", "hmac",
     "sha512_generic", "chacha20poly1305", "chacha_generic", "poly1305_generic", "cmac", "xcbc",
-    "ccm", "drbg", "jitterentropy_rng",
+    "ccm", "drbg", "jitterentropy_rng", "udp_diag",
 ]
 
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC

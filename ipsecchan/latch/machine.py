@@ -1,0 +1,366 @@
+"""The RFC 5660 latch as a sans-IO state machine.
+
+No sockets, netlink or VICI in here: the caller observes the world (the kernel's lookup for
+the connection and the IKE daemon's identities, gathered into an Observation), feeds the
+observation to the latch, and carries out the effects the latch returns (pin the socket to
+its SAs, block it, release it). The same machine therefore runs in-process, in the broker, and
+in tests, where every transition is driven from a table.
+
+States (RFC 5660 section 2.3) and this module's one addition:
+
+    LISTENER     a listening socket's latch; accepted connections latch from it
+    LATCHING     a connection latch between its first observation and its confirmation
+                 (the socket is pinned to the observed SAs, then observed again: an SA replaced
+                 in between, by another peer, must not end in a latch with the wrong peer)
+    ESTABLISHED  the connection's SAs carry the latched identities and protection
+    BROKEN       they do not (or the truth cannot be read): the connection's packets are
+                 blocked, the owner is told; BROKEN -> ESTABLISHED when the latched
+                 parameters return
+    CLOSED       released; no transition leaves it
+
+A rekey (new SAs, same identities, protection no weaker) keeps ESTABLISHED and moves the
+latch to the new SAs. Optional protection (RFC 5660 section 3.1, BTNS) lets a connection
+latch to cleartext, knowingly: such a latch reports protected=False and promises nothing
+further, so no observation breaks it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ipsecchan.latch.protection import Protection
+
+
+class LatchState(enum.Enum):
+    LISTENER = "LISTENER"
+    LATCHING = "LATCHING"
+    ESTABLISHED = "ESTABLISHED"
+    BROKEN = "BROKEN"
+    CLOSED = "CLOSED"
+
+
+class Policy(enum.Enum):
+    REQUIRE = "require"      # IPsec or nothing (the default)
+    OPTIONAL = "optional"    # RFC 5660 3.1: may proceed in cleartext, reported as such
+
+
+class Cause(str, enum.Enum):
+    """Why a latch broke or was refused."""
+    NOT_VERIFIED = "not-verified"          # the truth could not be read: fail closed
+    CLEARTEXT = "cleartext"                # the flow would go or come in clear
+    BLOCKED = "blocked"                    # a policy drops the flow
+    NO_SA = "no-sa"                        # protection required, no SA carries the flow
+    PEER_CHANGED = "peer-changed"          # another peer identity (or key) carries the flow
+    LOCAL_CHANGED = "local-changed"        # another local identity
+    PROTECTION_WEAKER = "protection-weaker"
+    SAS_DISAGREE = "sas-disagree"          # the flow's SAs do not agree on IDs or protection
+    PEER_NOT_REQUIRED = "peer-not-required"  # the peer is not the identity the caller named
+    IDENTITY_UNKNOWN = "identity-unknown"    # no IKE daemon or static entry names the SA
+
+
+class LatchProtocolError(RuntimeError):
+    """An operation the latch's state does not allow (a bug in the caller)."""
+
+
+class LatchRefused(ConnectionError):
+    """A connection could not be latched; `cause` says why."""
+
+    def __init__(self, cause: Cause, detail: str = ""):
+        super().__init__(f"connection not latched: {cause.value}" + (f" ({detail})"
+                                                                        if detail else ""))
+        self.cause = cause
+        self.detail = detail
+
+
+# ---- what the caller observes ----
+
+@dataclass(frozen=True, slots=True)
+class Party:
+    """An IKE identity as latching compares it: the ID, and the public key that
+    authenticated it when one did (None: PSK, manual keying, or not known)."""
+    id: str
+    pubkey_sha256: str | None = None
+    auth: str = "unknown"
+
+    def same_as(self, latched: "Party") -> bool:
+        # Same ID, and if a key authenticated the latched ID, the same key: in BTNS anyone can
+        # claim an ID, the key is what holds.
+        return self.id == latched.id and (latched.pubkey_sha256 is None
+                                          or self.pubkey_sha256 == latched.pubkey_sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class SAFacts:
+    """One SA carrying the flow, with what the IKE daemon says of it."""
+    key: tuple                     # (family, dst, proto, spi)
+    reqid: int
+    protection: Protection
+    local: Party | None            # None: identity unknown (see Observation.identity)
+    peer: Party | None
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The kernel's and the IKE daemon's view of one connection at one moment.
+
+    verified=False whenever part of the truth could not be read (IKE daemon unreachable,
+    netlink error, an overrun not yet resynced): latches then fail closed.
+    out_verdict / in_verdict are ipsecchan.xfrm.lookup verdicts; out_sas is the SA bundle the
+    kernel sends through, in_sas the SAs it would accept the flow from."""
+    verified: bool
+    out_verdict: str = "no-policy"
+    in_verdict: str = "no-policy"
+    out_sas: tuple[SAFacts, ...] = ()
+    in_sas: tuple[SAFacts, ...] = ()
+    in_cleartext_accepted: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What the caller asks of a latch before it exists (RFC 5660 CREATE_*_LATCH)."""
+    policy: Policy = Policy.REQUIRE
+    peer_id: str | None = None          # the connect fails unless the peer is this ID
+    strict_algorithms: bool = False     # a rekey must keep the very same algorithms
+
+
+@dataclass(frozen=True, slots=True)
+class LatchParams:
+    """What a connection is latched to."""
+    protected: bool
+    local: Party | None
+    peer: Party | None
+    protection: tuple[Protection, ...]      # per SA of the bundle, outermost last
+    reqids: tuple[int, ...]                  # what the socket is pinned to
+    out_sas: tuple[tuple, ...]               # keys of the SAs carrying it now
+    in_sas: tuple[tuple, ...]
+
+
+# ---- what the latch asks the caller to do ----
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Install per-socket IN and OUT policies requiring these SAs (by reqid and protocol and
+    mode), or a bypass pair when params.protected is False."""
+    params: LatchParams
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Install per-socket policies that drop the connection's packets both ways."""
+    cause: Cause
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Remove the socket's per-socket policies."""
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """Tell the latch's owner: a state change (old -> new), with its cause, or a rekey."""
+    old: LatchState
+    new: LatchState
+    cause: Cause | None = None
+    detail: str = ""
+    rekeyed: bool = False
+
+
+Effect = Pin | Block | Release | Alert
+
+
+# ---- the machine ----
+
+def _bundle_params(sas: tuple[SAFacts, ...]) -> tuple[Party | None, Party | None,
+                                                     tuple[Protection, ...], tuple[int, ...]]:
+    first = sas[0]
+    return first.local, first.peer, tuple(s.protection for s in sas), tuple(s.reqid for s in sas)
+
+
+def _same_party(now: Party | None, latched: Party | None) -> bool:
+    if latched is None:
+        return now is None
+    return now is not None and now.same_as(latched)
+
+
+def evaluate(obs: Observation, req: Requirements
+             ) -> tuple[LatchParams | None, Cause | None, str]:
+    """The parameters an observation offers a latch, or why it offers none."""
+    if not obs.verified:
+        return None, Cause.NOT_VERIFIED, obs.reason
+    if "block" in (obs.out_verdict, obs.in_verdict):
+        return None, Cause.BLOCKED, f"out {obs.out_verdict}, in {obs.in_verdict}"
+    clear_out = obs.out_verdict in ("bypass", "no-policy")
+    clear_in = obs.in_verdict in ("bypass", "no-policy")
+    if clear_out and clear_in:
+        if req.policy is Policy.OPTIONAL:
+            return LatchParams(False, None, None, (), (), (), ()), None, "cleartext"
+        return None, Cause.CLEARTEXT, "no IPsec policy protects the connection"
+    if clear_out or clear_in:
+        return None, Cause.CLEARTEXT, ("out" if clear_out else "in") + " goes in clear"
+    if "no-sa" in (obs.out_verdict, obs.in_verdict) or not obs.out_sas or not obs.in_sas:
+        return None, Cause.NO_SA, f"out {obs.out_verdict}, in {obs.in_verdict}"
+    if obs.in_cleartext_accepted:
+        return None, Cause.CLEARTEXT, "the inbound policy also accepts cleartext"
+    local, peer, prot, reqids = _bundle_params(obs.out_sas)
+    for sa in obs.out_sas + obs.in_sas:
+        if not (_same_party(sa.peer, peer) and _same_party(sa.local, local)
+                and (sa.peer is None) == (peer is None)):
+            return None, Cause.SAS_DISAGREE, "the SAs carrying the flow name different IDs"
+    # Every SA the kernel would accept inbound must be as strong as the outbound bundle:
+    # otherwise the weakest of them is what protects the connection.
+    if any(not any(s.protection.at_least(p) for p in prot) for s in obs.in_sas):
+        return None, Cause.SAS_DISAGREE, "an accepted inbound SA is weaker than the outbound"
+    if peer is None or local is None:
+        return None, Cause.IDENTITY_UNKNOWN, "no IKE daemon or static entry names the SAs"
+    if req.peer_id is not None and peer.id != req.peer_id:
+        return None, Cause.PEER_NOT_REQUIRED, f"peer is {peer.id!r}, required {req.peer_id!r}"
+    return LatchParams(True, local, peer, prot, reqids, tuple(s.key for s in obs.out_sas),
+                       tuple(s.key for s in obs.in_sas)), None, ""
+
+
+def conflict(now: LatchParams, latched: LatchParams, req: Requirements
+             ) -> tuple[Cause | None, str]:
+    """Why `now` may not carry a connection latched to `latched` (None: it may)."""
+    if not latched.protected:
+        return None, ""
+    if not now.protected:
+        return Cause.CLEARTEXT, ""
+    if not _same_party(now.peer, latched.peer):
+        return Cause.PEER_CHANGED, f"{now.peer.id if now.peer else None!r} instead of " \
+                                   f"{latched.peer.id!r}"
+    if not _same_party(now.local, latched.local):
+        return Cause.LOCAL_CHANGED, ""
+    if len(now.protection) != len(latched.protection) or not all(
+            n.at_least(o, strict=req.strict_algorithms)
+            for n, o in zip(now.protection, latched.protection)):
+        return Cause.PROTECTION_WEAKER, " / ".join(p.describe() for p in now.protection)
+    return None, ""
+
+
+@dataclass
+class Latch:
+    """One latch. Build with Latch.listener(req) or Latch.connector(req); then feed it."""
+    requirements: Requirements
+    state: LatchState
+    params: LatchParams | None = None
+    cause: Cause | None = None
+    detail: str = ""
+    history: list = field(default_factory=list)    # (old, new, cause) for inquiry
+
+    @classmethod
+    def listener(cls, req: Requirements = Requirements()) -> "Latch":
+        return cls(req, LatchState.LISTENER)
+
+    @classmethod
+    def connector(cls, req: Requirements = Requirements()) -> "Latch":
+        return cls(req, LatchState.LATCHING)
+
+    # -- the table: (state, input) -> handler --
+    def handle(self, kind: str, arg: Any = None) -> list[Effect]:
+        handler = _TABLE.get((self.state, kind))
+        if handler is None:
+            raise LatchProtocolError(f"{kind!r} is not allowed in state {self.state.value}")
+        return handler(self, arg)
+
+    def begin(self, obs: Observation) -> list[Effect]:
+        """First observation of a connection: refuse it (LatchRefused) or pin it."""
+        return self.handle("begin", obs)
+
+    def confirm(self, obs: Observation) -> list[Effect]:
+        """Observation after pinning: ESTABLISHED, or refused (the socket must be released)."""
+        return self.handle("confirm", obs)
+
+    def observe(self, obs: Observation) -> list[Effect]:
+        """A later observation (an XFRM or IKE event touched the connection)."""
+        return self.handle("observe", obs)
+
+    def accept(self, obs: Observation) -> tuple["Latch", list[Effect]]:
+        """On a listener latch: the latch of an accepted connection (pinned at once: the
+        kernel cloned the listener's policy into it, so its first packets were covered)."""
+        self.handle("accept", obs)
+        child = Latch(self.requirements, LatchState.LATCHING)
+        return child, child.begin(obs)
+
+    def close(self) -> list[Effect]:
+        return self.handle("close")
+
+    # -- handlers --
+    def _move(self, new: LatchState, cause: Cause | None = None, detail: str = "",
+              rekeyed: bool = False) -> Alert:
+        alert = Alert(self.state, new, cause, detail, rekeyed)
+        self.history.append((self.state, new, cause))
+        self.state, self.cause, self.detail = new, cause, detail
+        return alert
+
+    def _begin(self, obs: Observation) -> list[Effect]:
+        if self.params is not None:
+            raise LatchProtocolError("begin: this latch has begun already")
+        params, cause, detail = evaluate(obs, self.requirements)
+        if params is None:
+            raise LatchRefused(cause, detail)
+        self.params = params
+        return [Pin(params)]
+
+    def _confirm(self, obs: Observation) -> list[Effect]:
+        if self.params is None:
+            raise LatchProtocolError("confirm before begin")
+        params, cause, detail = evaluate(obs, self.requirements)
+        if params is not None:
+            cause, detail = conflict(params, self.params, self.requirements)
+        if params is None or cause is not None:
+            self._move(LatchState.CLOSED, cause, detail)
+            raise LatchRefused(cause, "changed while latching" + (f": {detail}" if detail
+                                                                   else ""))
+        self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas)
+        return [self._move(LatchState.ESTABLISHED)]
+
+    def _observe_established(self, obs: Observation) -> list[Effect]:
+        params, cause, detail = evaluate(obs, self.requirements)
+        if params is not None:
+            cause, detail = conflict(params, self.params, self.requirements)
+        elif not self.params.protected:
+            return []           # latched to cleartext, knowingly: nothing to break
+        if cause is not None:
+            return [self._move(LatchState.BROKEN, cause, detail), Block(cause)]
+        if (params.out_sas, params.in_sas) != (self.params.out_sas, self.params.in_sas) \
+                and self.params.protected:
+            self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas)
+            return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True)]
+        return []
+
+    def _observe_broken(self, obs: Observation) -> list[Effect]:
+        params, cause, detail = evaluate(obs, self.requirements)
+        if params is not None:
+            cause, detail = conflict(params, self.params, self.requirements)
+        if cause is not None:
+            self.cause, self.detail = cause, detail     # still broken, maybe for a new reason
+            return []
+        self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas)
+        return [self._move(LatchState.ESTABLISHED, None, "resolved"), Pin(self.params)]
+
+    def _accept(self, _obs: Observation) -> list[Effect]:
+        return []
+
+    def _close(self, _arg=None) -> list[Effect]:
+        return [self._move(LatchState.CLOSED), Release()]
+
+    def _close_latching(self, _arg=None) -> list[Effect]:
+        self._move(LatchState.CLOSED)
+        return [Release()]
+
+
+_TABLE = {
+    (LatchState.LISTENER, "accept"): Latch._accept,
+    (LatchState.LISTENER, "close"): Latch._close,
+    (LatchState.LATCHING, "begin"): Latch._begin,
+    (LatchState.LATCHING, "confirm"): Latch._confirm,
+    (LatchState.LATCHING, "close"): Latch._close_latching,
+    (LatchState.ESTABLISHED, "observe"): Latch._observe_established,
+    (LatchState.ESTABLISHED, "close"): Latch._close,
+    (LatchState.BROKEN, "observe"): Latch._observe_broken,
+    (LatchState.BROKEN, "close"): Latch._close,
+}
+
+INPUTS = ("begin", "confirm", "observe", "accept", "close")

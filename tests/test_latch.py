@@ -1,0 +1,260 @@
+"""The latch state machine, driven from tables: every (state, input) pair, and the RFC 5660
+transitions with their causes. Sans-IO: no kernel or IKE daemon here (the lab tests join the
+machine with both)."""
+import itertools
+import socket
+
+import pytest
+
+from ipsecchan.latch import (INPUTS, Alert, Block, Cause, Latch, LatchProtocolError,
+                             LatchRefused, LatchState, Observation, Party, Pin, Policy,
+                             Protection, Release, Requirements, SAFacts)
+from ipsecchan.xfrm.messages import SA, Algorithm, Encap, Selector
+
+GCM256 = Protection("esp", "transport", True, "rfc4106(gcm(aes))", 256, "rfc4106(gcm(aes))",
+                    128)
+GCM128 = Protection("esp", "transport", True, "rfc4106(gcm(aes))", 128, "rfc4106(gcm(aes))",
+                    128)
+CHACHA = Protection("esp", "transport", True, "rfc7539esp(chacha20,poly1305)", 256,
+                    "rfc7539esp(chacha20,poly1305)", 128)
+ESP_NULL = Protection("esp", "transport", False, None, 0, "hmac(sha256)", 128)
+TUNNEL = Protection("esp", "tunnel", True, "rfc4106(gcm(aes))", 256, "rfc4106(gcm(aes))", 128)
+
+ALICE = Party("CN=alice", "aa" * 32, "pubkey")
+BOB = Party("CN=bob", "bb" * 32, "pubkey")
+BOB_OTHER_KEY = Party("CN=bob", "cc" * 32, "pubkey")     # same name, another key: an impostor
+MALLORY = Party("CN=mallory", "dd" * 32, "pubkey")
+
+
+def sa(spi, *, peer=BOB, local=ALICE, prot=GCM256, reqid=1, dst="10.0.0.2"):
+    return SAFacts((socket.AF_INET, dst, prot.proto, spi), reqid, prot, local, peer)
+
+
+def obs(out_spi=0x100, in_spi=0x200, *, peer=BOB, prot=GCM256, in_prot=None, reqid=1,
+        **kw):
+    return Observation(True, "protected", "protected",
+                       (sa(out_spi, peer=peer, prot=prot, reqid=reqid),),
+                       (sa(in_spi, peer=peer, prot=in_prot or prot, reqid=reqid,
+                           dst="10.0.0.1"),), **kw)
+
+
+CLEAR = Observation(True, "no-policy", "no-policy", in_cleartext_accepted=True)
+BYPASS = Observation(True, "bypass", "bypass", in_cleartext_accepted=True)
+BLOCKED = Observation(True, "block", "block")
+NO_SA = Observation(True, "no-sa", "protected")
+UNVERIFIED = Observation(False, reason="IKE daemon unreachable")
+
+
+def established(req=Requirements(), first=None):
+    latch = Latch.connector(req)
+    effects = latch.begin(first or obs())
+    assert [type(e) for e in effects] == [Pin]
+    effects = latch.confirm(first or obs())
+    assert effects == [Alert(LatchState.LATCHING, LatchState.ESTABLISHED)]
+    return latch
+
+
+def broken(cause_obs=None):
+    latch = established()
+    latch.observe(cause_obs or obs(peer=MALLORY))
+    assert latch.state is LatchState.BROKEN
+    return latch
+
+
+def closed():
+    latch = established()
+    latch.close()
+    return latch
+
+
+MAKERS = {
+    LatchState.LISTENER: Latch.listener,
+    LatchState.LATCHING: Latch.connector,
+    LatchState.ESTABLISHED: established,
+    LatchState.BROKEN: broken,
+    LatchState.CLOSED: closed,
+}
+ALLOWED = {
+    (LatchState.LISTENER, "accept"), (LatchState.LISTENER, "close"),
+    (LatchState.LATCHING, "begin"), (LatchState.LATCHING, "confirm"),
+    (LatchState.LATCHING, "close"),
+    (LatchState.ESTABLISHED, "observe"), (LatchState.ESTABLISHED, "close"),
+    (LatchState.BROKEN, "observe"), (LatchState.BROKEN, "close"),
+}
+
+
+@pytest.mark.parametrize("state,kind", list(itertools.product(LatchState, INPUTS)))
+def test_every_state_and_input(state, kind):
+    latch = MAKERS[state]()
+    assert latch.state is state
+    call = {"begin": lambda: latch.begin(obs()), "confirm": lambda: latch.confirm(obs()),
+            "observe": lambda: latch.observe(obs()), "accept": lambda: latch.accept(obs()),
+            "close": latch.close}[kind]
+    if (state, kind) not in ALLOWED:
+        with pytest.raises(LatchProtocolError):
+            call()
+        assert latch.state is state                      # a refused input changes nothing
+    elif (state, kind) == (LatchState.LATCHING, "confirm"):
+        with pytest.raises(LatchProtocolError, match="before begin"):
+            call()
+    else:
+        call()
+
+
+# (latched with obs(), then observed) -> (state after, cause, effects' types)
+OBSERVATIONS = [
+    ("same SAs", obs(), LatchState.ESTABLISHED, None, []),
+    ("child rekey", obs(0x101, 0x201), LatchState.ESTABLISHED, None, [Alert]),
+    ("rekey to stronger-or-equal (chacha)", obs(0x102, 0x202, prot=CHACHA),
+     LatchState.ESTABLISHED, None, [Alert]),
+    ("rekey to a new reqid, same peer", obs(0x103, 0x203, reqid=9), LatchState.ESTABLISHED,
+     None, [Alert]),
+    ("rekey to weaker key", obs(0x104, 0x204, prot=GCM128), LatchState.BROKEN,
+     Cause.PROTECTION_WEAKER, [Alert, Block]),
+    ("rekey to ESP-null", obs(0x105, 0x205, prot=ESP_NULL), LatchState.BROKEN,
+     Cause.PROTECTION_WEAKER, [Alert, Block]),
+    ("mode change", obs(0x106, 0x206, prot=TUNNEL), LatchState.BROKEN,
+     Cause.PROTECTION_WEAKER, [Alert, Block]),
+    ("another peer", obs(0x107, 0x207, peer=MALLORY), LatchState.BROKEN,
+     Cause.PEER_CHANGED, [Alert, Block]),
+    ("same ID, another key", obs(0x108, 0x208, peer=BOB_OTHER_KEY), LatchState.BROKEN,
+     Cause.PEER_CHANGED, [Alert, Block]),
+    ("policy now bypass", BYPASS, LatchState.BROKEN, Cause.CLEARTEXT, [Alert, Block]),
+    ("SPD entry gone", CLEAR, LatchState.BROKEN, Cause.CLEARTEXT, [Alert, Block]),
+    ("SA gone, none to replace it", NO_SA, LatchState.BROKEN, Cause.NO_SA, [Alert, Block]),
+    ("blocked by policy", BLOCKED, LatchState.BROKEN, Cause.BLOCKED, [Alert, Block]),
+    ("IKE daemon gone", UNVERIFIED, LatchState.BROKEN, Cause.NOT_VERIFIED, [Alert, Block]),
+    ("inbound accepts cleartext too", obs(in_cleartext_accepted=True), LatchState.BROKEN,
+     Cause.CLEARTEXT, [Alert, Block]),
+    ("inbound SA weaker than outbound", obs(in_prot=GCM128), LatchState.BROKEN,
+     Cause.SAS_DISAGREE, [Alert, Block]),
+    ("identity unknown", Observation(True, "protected", "protected",
+                                     (sa(0x100, peer=None, local=None),),
+                                     (sa(0x200, peer=None, local=None),)),
+     LatchState.BROKEN, Cause.IDENTITY_UNKNOWN, [Alert, Block]),
+]
+
+
+@pytest.mark.parametrize("name,seen,state,cause,effects", OBSERVATIONS,
+                         ids=[o[0] for o in OBSERVATIONS])
+def test_established_observes(name, seen, state, cause, effects):
+    latch = established()
+    out = latch.observe(seen)
+    assert latch.state is state and latch.cause is cause
+    assert [type(e) for e in out] == effects
+    if state is LatchState.BROKEN:
+        assert out[0] == Alert(LatchState.ESTABLISHED, LatchState.BROKEN, cause, latch.detail)
+        assert out[1] == Block(cause)
+    if effects == [Alert] and state is LatchState.ESTABLISHED:
+        assert out[0].rekeyed and latch.params.out_sas == tuple(s.key for s in seen.out_sas)
+        assert latch.params.peer == BOB          # the latched identity never moves
+
+
+def test_broken_resolves_when_the_latched_parameters_return():
+    latch = broken()
+    assert latch.observe(obs(peer=MALLORY)) == []          # still broken
+    assert latch.observe(UNVERIFIED) == [] and latch.cause is Cause.NOT_VERIFIED
+    out = latch.observe(obs(0x300, 0x400))                 # bob is back, new SAs
+    assert latch.state is LatchState.ESTABLISHED
+    assert out == [Alert(LatchState.BROKEN, LatchState.ESTABLISHED, None, "resolved"),
+                   Pin(latch.params)]
+    assert latch.params.out_sas == ((socket.AF_INET, "10.0.0.2", "esp", 0x300),)
+    assert [h[1] for h in latch.history] == [LatchState.ESTABLISHED, LatchState.BROKEN,
+                                              LatchState.ESTABLISHED]
+
+
+REFUSALS = [
+    (CLEAR, Requirements(), Cause.CLEARTEXT),
+    (BYPASS, Requirements(), Cause.CLEARTEXT),
+    (Observation(True, "protected", "no-policy", (sa(1),), ()), Requirements(),
+     Cause.CLEARTEXT),
+    (BLOCKED, Requirements(), Cause.BLOCKED),
+    (NO_SA, Requirements(), Cause.NO_SA),
+    (UNVERIFIED, Requirements(), Cause.NOT_VERIFIED),
+    (UNVERIFIED, Requirements(policy=Policy.OPTIONAL), Cause.NOT_VERIFIED),
+    (obs(), Requirements(peer_id="CN=carol"), Cause.PEER_NOT_REQUIRED),
+    (Observation(True, "protected", "protected", (sa(1),), (sa(2, peer=MALLORY),)),
+     Requirements(), Cause.SAS_DISAGREE),
+]
+
+
+@pytest.mark.parametrize("seen,req,cause", REFUSALS)
+def test_connect_is_refused(seen, req, cause):
+    latch = Latch.connector(req)
+    with pytest.raises(LatchRefused) as exc:
+        latch.begin(seen)
+    assert exc.value.cause is cause and latch.state is LatchState.LATCHING
+    assert latch.close() == [Release()] and latch.state is LatchState.CLOSED
+
+
+def test_required_peer_accepted():
+    latch = established(Requirements(peer_id="CN=bob"))
+    assert latch.params.peer == BOB and latch.params.protected
+
+
+def test_sa_replaced_between_lookup_and_latch():
+    """The race: bob's SA is replaced by mallory's after the first look and before the
+    socket is pinned. The confirmation sees it: refused, never latched to mallory."""
+    latch = Latch.connector()
+    latch.begin(obs())
+    with pytest.raises(LatchRefused) as exc:
+        latch.confirm(obs(0x999, 0x998, peer=MALLORY))
+    assert exc.value.cause is Cause.PEER_CHANGED and latch.state is LatchState.CLOSED
+
+
+def test_optional_protection_latches_cleartext_knowingly():
+    latch = established(Requirements(policy=Policy.OPTIONAL), first=CLEAR)
+    assert latch.params.protected is False and latch.params.peer is None
+    for seen in (CLEAR, obs(), UNVERIFIED, BLOCKED):
+        assert latch.observe(seen) == [] and latch.state is LatchState.ESTABLISHED
+    # Optional does not mean weaker when IPsec is there: a protected start latches protected.
+    latch = established(Requirements(policy=Policy.OPTIONAL))
+    assert latch.params.protected
+    latch.observe(CLEAR)
+    assert latch.state is LatchState.BROKEN and latch.cause is Cause.CLEARTEXT
+
+
+def test_strict_algorithms_refuse_an_equal_strength_change():
+    latch = established(Requirements(strict_algorithms=True))
+    latch.observe(obs(0x101, 0x201, prot=CHACHA))
+    assert latch.state is LatchState.BROKEN and latch.cause is Cause.PROTECTION_WEAKER
+
+
+def test_listener_spawns_connection_latches():
+    listener = Latch.listener(Requirements(peer_id="CN=bob"))
+    child, effects = listener.accept(obs())
+    assert listener.state is LatchState.LISTENER and [type(e) for e in effects] == [Pin]
+    child.confirm(obs())
+    assert child.state is LatchState.ESTABLISHED and child.requirements.peer_id == "CN=bob"
+    with pytest.raises(LatchRefused):
+        listener.accept(obs(peer=MALLORY))
+    assert listener.close() == [Alert(LatchState.LISTENER, LatchState.CLOSED), Release()]
+
+
+def _sa(algs, proto="esp", mode="transport", encap=None):
+    sel = Selector(2, "", "", 0, 0, 0, 0, 0, 0, 0, 0)
+    return SA("10.0.0.1", "10.0.0.2", 2, proto, 1, 1, mode, 0, 0, sel, 0, 0, 0, 0,
+              tuple(algs), encap, None, None, False, None)
+
+
+def test_protection_from_kernel_algorithms():
+    gcm = Protection.of(_sa([Algorithm("aead", "rfc4106(gcm(aes))", 288, 128)]))
+    assert (gcm.confidential, gcm.cipher_bits, gcm.icv_bits) == (True, 256, 128)
+    cbc = Protection.of(_sa([Algorithm("crypt", "cbc(aes)", 128),
+                             Algorithm("auth", "hmac(sha256)", 256),
+                             Algorithm("auth_trunc", "hmac(sha256)", 256, 128)]))
+    assert (cbc.cipher, cbc.cipher_bits, cbc.integrity, cbc.icv_bits) == \
+        ("cbc(aes)", 128, "hmac(sha256)", 128)
+    ah = Protection.of(_sa([Algorithm("auth_trunc", "hmac(sha256)", 256, 128)], proto="ah"))
+    assert not ah.confidential and ah.proto == "ah"
+    gmac = Protection.of(_sa([Algorithm("aead", "rfc4543(gcm(aes))", 160, 128)]))
+    assert not gmac.confidential and gmac.icv_bits == 128
+    null = Protection.of(_sa([Algorithm("crypt", "ecb(cipher_null)", 0),
+                              Algorithm("auth_trunc", "hmac(sha1)", 160, 96)]))
+    assert not null.confidential
+    natt = Protection.of(_sa([Algorithm("aead", "rfc4106(gcm(aes))", 160, 128)],
+                             encap=Encap(2, 4500, 4500, "0.0.0.0")))
+    assert natt.encapsulated and natt.cipher_bits == 128
+    assert gcm.at_least(natt) and not natt.at_least(gcm)
+    assert gcm.at_least(gcm, strict=True) and not gcm.at_least(cbc, strict=True)
+    assert not ah.at_least(null) and not null.at_least(gcm) and gcm.at_least(cbc)
