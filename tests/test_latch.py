@@ -104,11 +104,11 @@ def test_every_state_and_input(state, kind):
 # (latched with obs(), then observed) -> (state after, cause, effects' types)
 OBSERVATIONS = [
     ("same SAs", obs(), LatchState.ESTABLISHED, None, []),
-    ("child rekey", obs(0x101, 0x201), LatchState.ESTABLISHED, None, [Alert]),
+    ("child rekey", obs(0x101, 0x201), LatchState.ESTABLISHED, None, [Alert, Pin]),
     ("rekey to stronger-or-equal (chacha)", obs(0x102, 0x202, prot=CHACHA),
-     LatchState.ESTABLISHED, None, [Alert]),
+     LatchState.ESTABLISHED, None, [Alert, Pin]),
     ("rekey to a new reqid, same peer", obs(0x103, 0x203, reqid=9), LatchState.ESTABLISHED,
-     None, [Alert]),
+     None, [Alert, Pin]),
     ("rekey to weaker key", obs(0x104, 0x204, prot=GCM128), LatchState.BROKEN,
      Cause.PROTECTION_WEAKER, [Alert, Block]),
     ("rekey to ESP-null", obs(0x105, 0x205, prot=ESP_NULL), LatchState.BROKEN,
@@ -145,8 +145,9 @@ def test_established_observes(name, seen, state, cause, effects):
     if state is LatchState.BROKEN:
         assert out[0] == Alert(LatchState.ESTABLISHED, LatchState.BROKEN, cause, latch.detail)
         assert out[1] == Block(cause)
-    if effects == [Alert] and state is LatchState.ESTABLISHED:
-        assert out[0].rekeyed and latch.params.out_sas == tuple(s.key for s in seen.out_sas)
+    if effects == [Alert, Pin] and state is LatchState.ESTABLISHED:
+        assert out[0].rekeyed and latch.params.out_sas == seen.out_sas
+        assert out[1] == Pin(latch.params)       # the pin follows the rekey
         assert latch.params.peer == BOB          # the latched identity never moves
 
 
@@ -158,7 +159,7 @@ def test_broken_resolves_when_the_latched_parameters_return():
     assert latch.state is LatchState.ESTABLISHED
     assert out == [Alert(LatchState.BROKEN, LatchState.ESTABLISHED, None, "resolved"),
                    Pin(latch.params)]
-    assert latch.params.out_sas == ((socket.AF_INET, "10.0.0.2", "esp", 0x300),)
+    assert latch.params.sa_keys()[0] == ((socket.AF_INET, "10.0.0.2", "esp", 0x300),)
     assert [h[1] for h in latch.history] == [LatchState.ESTABLISHED, LatchState.BROKEN,
                                               LatchState.ESTABLISHED]
 
@@ -185,6 +186,14 @@ def test_connect_is_refused(seen, req, cause):
         latch.begin(seen)
     assert exc.value.cause is cause and latch.state is LatchState.LATCHING
     assert latch.close() == [Release()] and latch.state is LatchState.CLOSED
+
+
+def test_rekey_between_the_two_looks_moves_the_pin():
+    latch = Latch.connector()
+    latch.begin(obs())
+    out = latch.confirm(obs(0x111, 0x222))
+    assert [type(e) for e in out] == [Pin, Alert] and latch.state is LatchState.ESTABLISHED
+    assert latch.params.sa_keys()[0] == ((socket.AF_INET, "10.0.0.2", "esp", 0x111),)
 
 
 def test_required_peer_accepted():

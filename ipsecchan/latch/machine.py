@@ -96,8 +96,9 @@ class SAFacts:
     key: tuple                     # (family, dst, proto, spi)
     reqid: int
     protection: Protection
-    local: Party | None            # None: identity unknown (see Observation.identity)
+    local: Party | None            # None: identity unknown to every identity source
     peer: Party | None
+    src: str = ""                  # the SA's source address (tunnel-mode pins need it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,17 +133,22 @@ class LatchParams:
     local: Party | None
     peer: Party | None
     protection: tuple[Protection, ...]      # per SA of the bundle, outermost last
-    reqids: tuple[int, ...]                  # what the socket is pinned to
-    out_sas: tuple[tuple, ...]               # keys of the SAs carrying it now
-    in_sas: tuple[tuple, ...]
+    reqids: tuple[int, ...]
+    out_sas: tuple[SAFacts, ...]             # the SAs carrying it now (the socket's pin)
+    in_sas: tuple[SAFacts, ...]
+
+    def sa_keys(self) -> tuple[tuple, tuple]:
+        return tuple(s.key for s in self.out_sas), tuple(s.key for s in self.in_sas)
 
 
 # ---- what the latch asks the caller to do ----
 
 @dataclass(frozen=True, slots=True)
 class Pin:
-    """Install per-socket IN and OUT policies requiring these SAs (by reqid and protocol and
-    mode), or a bypass pair when params.protected is False."""
+    """Install per-socket policies: OUT through exactly these SAs (by SPI), IN through SAs of
+    their reqid, protocol and mode; a bypass pair when params.protected is False. (The IN pin
+    takes the reqid, not the SPI, so that packets still in flight on the old SA of a rekey are
+    not dropped; a foreign SA of the same reqid is the identity check's to catch.)"""
     params: LatchParams
 
 
@@ -216,8 +222,7 @@ def evaluate(obs: Observation, req: Requirements
         return None, Cause.IDENTITY_UNKNOWN, "no IKE daemon or static entry names the SAs"
     if req.peer_id is not None and peer.id != req.peer_id:
         return None, Cause.PEER_NOT_REQUIRED, f"peer is {peer.id!r}, required {req.peer_id!r}"
-    return LatchParams(True, local, peer, prot, reqids, tuple(s.key for s in obs.out_sas),
-                       tuple(s.key for s in obs.in_sas)), None, ""
+    return LatchParams(True, local, peer, prot, reqids, obs.out_sas, obs.in_sas), None, ""
 
 
 def conflict(now: LatchParams, latched: LatchParams, req: Requirements
@@ -313,7 +318,11 @@ class Latch:
             self._move(LatchState.CLOSED, cause, detail)
             raise LatchRefused(cause, "changed while latching" + (f": {detail}" if detail
                                                                    else ""))
-        self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas)
+        if params.sa_keys() != self.params.sa_keys():
+            # Rekeyed between the two looks, same peer and protection: pin the new SAs.
+            self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas,
+                                  reqids=params.reqids)
+            return [Pin(self.params), self._move(LatchState.ESTABLISHED)]
         return [self._move(LatchState.ESTABLISHED)]
 
     def _observe_established(self, obs: Observation) -> list[Effect]:
@@ -324,10 +333,12 @@ class Latch:
             return []           # latched to cleartext, knowingly: nothing to break
         if cause is not None:
             return [self._move(LatchState.BROKEN, cause, detail), Block(cause)]
-        if (params.out_sas, params.in_sas) != (self.params.out_sas, self.params.in_sas) \
-                and self.params.protected:
-            self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas)
-            return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True)]
+        if params.sa_keys() != self.params.sa_keys() and self.params.protected:
+            # A rekey: the same identities and protection on new SAs. The pin moves to them.
+            self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas,
+                                  reqids=params.reqids)
+            return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
+                    Pin(self.params)]
         return []
 
     def _observe_broken(self, obs: Observation) -> list[Effect]:
@@ -337,7 +348,8 @@ class Latch:
         if cause is not None:
             self.cause, self.detail = cause, detail     # still broken, maybe for a new reason
             return []
-        self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas)
+        self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas,
+                              reqids=params.reqids)
         return [self._move(LatchState.ESTABLISHED, None, "resolved"), Pin(self.params)]
 
     def _accept(self, _obs: Observation) -> list[Effect]:
