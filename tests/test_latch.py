@@ -267,3 +267,18 @@ def test_protection_from_kernel_algorithms():
     assert gcm.at_least(natt) and not natt.at_least(gcm)
     assert gcm.at_least(gcm, strict=True) and not gcm.at_least(cbc, strict=True)
     assert not ah.at_least(null) and not null.at_least(gcm) and gcm.at_least(cbc)
+
+
+def test_pending_observation_changes_nothing():
+    """A rekey's SAs reach the kernel before the IKE daemon names them: until it does (or a
+    grace time ends, the engine's business), the latch neither breaks nor moves."""
+    pending = Observation(True, "protected", "protected",
+                          (sa(0x900, peer=None, local=None),),
+                          (sa(0x901, peer=None, local=None),), pending=True)
+    latch = established()
+    assert latch.observe(pending) == [] and latch.state is LatchState.ESTABLISHED
+    assert latch.params.sa_keys()[0] == ((socket.AF_INET, "10.0.0.2", "esp", 0x100),)
+    latch = broken()
+    assert latch.observe(pending) == [] and latch.state is LatchState.BROKEN
+    with pytest.raises(LatchProtocolError, match="pending"):
+        Latch.connector().begin(pending)

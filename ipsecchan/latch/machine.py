@@ -116,6 +116,9 @@ class Observation:
     in_sas: tuple[SAFacts, ...] = ()
     in_cleartext_accepted: bool = False
     reason: str = ""
+    # An SA here is too new for the IKE daemon to have reported it yet (the kernel installs a
+    # rekey's SAs before the daemon says so): no verdict until it does or a grace time ends.
+    pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +305,8 @@ class Latch:
     def _begin(self, obs: Observation) -> list[Effect]:
         if self.params is not None:
             raise LatchProtocolError("begin: this latch has begun already")
+        if obs.pending:
+            raise LatchProtocolError("begin: wait until the observation is not pending")
         params, cause, detail = evaluate(obs, self.requirements)
         if params is None:
             raise LatchRefused(cause, detail)
@@ -311,6 +316,8 @@ class Latch:
     def _confirm(self, obs: Observation) -> list[Effect]:
         if self.params is None:
             raise LatchProtocolError("confirm before begin")
+        if obs.pending:
+            raise LatchProtocolError("confirm: wait until the observation is not pending")
         params, cause, detail = evaluate(obs, self.requirements)
         if params is not None:
             cause, detail = conflict(params, self.params, self.requirements)
@@ -326,6 +333,8 @@ class Latch:
         return [self._move(LatchState.ESTABLISHED)]
 
     def _observe_established(self, obs: Observation) -> list[Effect]:
+        if obs.pending:
+            return []       # the pin holds the connection on its SAs meanwhile
         params, cause, detail = evaluate(obs, self.requirements)
         if params is not None:
             cause, detail = conflict(params, self.params, self.requirements)
@@ -342,6 +351,8 @@ class Latch:
         return []
 
     def _observe_broken(self, obs: Observation) -> list[Effect]:
+        if obs.pending:
+            return []
         params, cause, detail = evaluate(obs, self.requirements)
         if params is not None:
             cause, detail = conflict(params, self.params, self.requirements)
