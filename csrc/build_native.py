@@ -162,6 +162,11 @@ int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *idx, uint16_t family,
                               const char *sock_out, size_t sock_out_len,
                               const char *sock_in, size_t sock_in_len,
                               unsigned defaults, uint64_t *out, size_t out_cap);
+int64_t ipsecchan_xidx_lookup_flow(const struct ipsecchan_xidx *idx, uint16_t family,
+                                   uint8_t proto, const char *local, uint16_t local_port,
+                                   const char *remote, uint16_t remote_port, uint32_t mark,
+                                   int32_t ifindex, uint32_t if_id, unsigned defaults,
+                                   uint64_t *out, size_t out_cap);
 struct ipsecchan_xidx_flow { char local[16]; char remote[16]; uint32_t mark; uint32_t if_id;
     int32_t ifindex; uint16_t family; uint16_t local_port; uint16_t remote_port;
     uint8_t proto; ...; };

@@ -4,13 +4,22 @@
  * a 128-bit value, IPv6 all of it), and an address of a family that is neither AF_INET nor
  * AF_INET6 compares as 0 ("cmpv").
  *
+ * Layout: each record is one block: a compact header holding every field a lookup checks
+ * (the chain links, addresses, SPI, reqid, mark, if_id, a selector summary; for policies the
+ * selector and the first template, decoded), then the stored message. A lookup reads the
+ * header only (about 100 bytes for an SA); the message is read to hand the record out, for
+ * templates after the first, for the add time of competing OUT SAs and for an SA selector
+ * that is not all-wildcard. The OUT and IN paths are interleaved with prefetches, one level
+ * of the dependency chain at a time (buckets, records), so that their cache misses overlap.
+ *
  * SAs: four hash tables with doubly linked chains through 32-bit slot numbers:
  *   KEY  (family, dst, proto, spi)          update, delete, IN lookups with a template SPI
  *   OUT  (family, reqid, proto, mode, dst)  OUT lookups: every candidate of a template
  *   INR  (dst, proto, mode, reqid)          IN lookups with a template reqid
  *   IN   (dst, proto, mode)                 IN lookups with neither SPI nor reqid
  * Policies: KEY (dir, index), and tuple-space search for the lookup: one hash table keyed by
- * (dir, family, prefix lengths, the selector's addresses under those prefixes); a lookup
+ * (dir, family, prefix lengths, the selector's addresses under those prefixes), chained
+ * through pointers (no slot indirection) with at least two buckets per policy; a lookup
  * probes one chain per prefix-length class present (host-to-host selectors are one class)
  * and takes the lowest (priority, index) among the matches. Ports, protocol, ifindex, mark
  * and if_id are checked on the chain. */
@@ -38,29 +47,61 @@ typedef unsigned __int128 u128;
 #define STATE_WILDRECV 8             /* XFRM_STATE_WILDRECV */
 #define INF UINT64_MAX
 #define MIN_BUCKETS 64u
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
 
 struct link { uint32_t next, prev; };
 
-struct hdr { struct link lk[4]; };
+/* The part of every record the slot store handles. */
+struct hdr {
+    struct link lk[4];
+    uint32_t serial, msg_len;
+};
+
+/* SA selector summary bits */
+#define SEL_OUT_ANY 1u               /* sel.family == 0: matches every OUT flow */
+#define SEL_IN_ANY 2u                /* no mask, prefix, proto or ifindex: matches every flow */
 
 struct xsa {
-    struct link lk[4];
-    u128 dst, src;                   /* as the SA's family decodes them (raw if neither) */
-    uint64_t seq;
-    uint32_t serial, mark_v, mark_m, if_id, msg_len;
-    uint8_t dying;
-    alignas(16) uint8_t msg[];       /* xfrm_usersa_info + attributes, keys cut off */
+    struct hdr h;
+    uint32_t seq;                    /* insertion order (renumbered if it would wrap) */
+    uint32_t spi;                    /* host order */
+    u128 dst;                        /* as the SA's family decodes them (raw if neither) */
+    u128 src;
+    uint32_t reqid, mark_v, mark_m, if_id;
+    uint16_t family;
+    uint8_t proto, mode, flags, dying, selbits;
+    alignas(8) uint8_t msg[];        /* xfrm_usersa_info + attributes, keys cut off */
+};
+
+/* A template, decoded. */
+struct tmplc {
+    u128 dst, src;
+    uint32_t spi, reqid;
+    uint16_t family;
+    uint8_t proto, mode, optional;
 };
 
 struct xpol {
-    struct link lk[4];               /* KEY, TSS */
-    u128 s, d;                       /* selector addresses */
+    struct hdr h;
     uint64_t key;                    /* (priority << 32) | index */
-    uint32_t serial, mark_v, mark_m, if_id, tmpl_off, msg_len, ntmpl, slot;
+    uint32_t mark_v, mark_m;
+    u128 s, d;                       /* selector addresses */
+    uint32_t if_id;
+    int32_t ifindex;                 /* the selector's */
+    uint16_t sport, sport_mask, dport, dport_mask;   /* the selector's, host order */
+    uint32_t tmpl_off, ntmpl;
     uint16_t family;
     uint8_t dir, action, ps, pd;     /* ps, pd: prefix lengths, at most the family's bits */
+    uint8_t sproto;                  /* the selector's L4 protocol */
+    uint32_t slot;
+    struct xpol *tnext, *tprev;      /* the TSS chain (pointers: no slot indirection) */
+    struct tmplc t0;                 /* the first template (if ntmpl) */
     alignas(16) uint8_t msg[];       /* xfrm_userpolicy_info + attributes, as received */
 };
+
+#define SA_HDR offsetof(struct xsa, msg)
+#define POL_HDR offsetof(struct xpol, msg)
+_Static_assert(offsetof(struct xsa, msg) == 104, "SA header: 104 bytes");
 
 enum { T_KEY, T_OUT, T_INR, T_IN };
 enum { P_KEY, P_TSS };
@@ -74,6 +115,7 @@ struct store {
     uint32_t nfree;
     uint32_t nb;                     /* buckets per table (power of two) */
     int ntab;
+    unsigned hot;                    /* header bytes a lookup reads */
     struct table t[4];
 };
 
@@ -82,11 +124,25 @@ struct clist { struct cls *v; uint32_t n, cap; };
 
 struct ipsecchan_xidx {
     struct store sa, pol;
+    struct xpol **tss;               /* TSS buckets: tss_nb >= 2 x policies in it */
+    uint32_t tss_nb, tss_n;
     struct clist cls[2];             /* prefix-length classes of dir in (0) and out (1) */
-    uint64_t seq;
+    uint32_t seq;
     uint32_t serial;
     size_t mem;
 };
+
+static inline struct hdr *rec(const struct store *s, uint32_t slot) { return s->v[slot]; }
+
+static inline struct xsa *sa_rec(const struct ipsecchan_xidx *x, uint32_t slot)
+{
+    return (struct xsa *)x->sa.v[slot];
+}
+
+static inline struct xpol *pol_rec(const struct ipsecchan_xidx *x, uint32_t slot)
+{
+    return (struct xpol *)x->pol.v[slot];
+}
 
 /* ---- memory, counted ---- */
 
@@ -127,11 +183,19 @@ static inline u128 load_be(const uint8_t *p, int n)
     return v;
 }
 
+static inline u128 load_be16(const uint8_t *p)
+{
+    uint64_t hi, lo;
+    memcpy(&hi, p, 8);
+    memcpy(&lo, p + 8, 8);
+    return ((u128)__builtin_bswap64(hi) << 64) | __builtin_bswap64(lo);
+}
+
 /* An address as lookup.py's records hold it: decoded in its own family. */
 static inline u128 norm(uint16_t fam, const xfrm_address_t *a)
 {
     const uint8_t *p = (const uint8_t *)a;
-    return fam == AF_INET ? load_be(p, 4) : load_be(p, 16);
+    return fam == AF_INET ? load_be(p, 4) : load_be16(p);
 }
 
 /* The value _addr_int(fam, text) compares. */
@@ -190,17 +254,15 @@ static inline uint64_t h_tss(uint8_t dir, uint16_t fam, uint8_t ps, uint8_t pd, 
 }
 
 #define SAI(e) ((const struct xfrm_usersa_info *)(const void *)(e)->msg)
-#define POI(p) ((const struct xfrm_userpolicy_info *)(const void *)(p)->msg)
 
 static uint64_t sa_hash(const struct xsa *e, int t)
 {
-    const struct xfrm_usersa_info *i = SAI(e);
-    u128 d = cmpv(i->family, e->dst);
+    u128 d = cmpv(e->family, e->dst);
     switch (t) {
-    case T_KEY: return h_key(i->family, e->dst, i->id.proto, ntohl(i->id.spi));
-    case T_OUT: return h_out(i->family, i->reqid, i->id.proto, i->mode, d);
-    case T_INR: return h_inr(d, i->id.proto, i->mode, i->reqid);
-    default: return h_in(d, i->id.proto, i->mode);
+    case T_KEY: return h_key(e->family, e->dst, e->proto, e->spi);
+    case T_OUT: return h_out(e->family, e->reqid, e->proto, e->mode, d);
+    case T_INR: return h_inr(d, e->proto, e->mode, e->reqid);
+    default: return h_in(d, e->proto, e->mode);
     }
 }
 
@@ -229,7 +291,8 @@ static uint64_t entry_hash(const struct store *s, const struct ipsecchan_xidx *x
 static int in_table(const struct store *s, const struct ipsecchan_xidx *x,
                     const struct hdr *e, int t)
 {
-    return s == &x->sa || t == P_KEY || pol_in_tss((const struct xpol *)e);
+    (void)s, (void)x, (void)e, (void)t;
+    return 1;                        /* the policies' TSS table is kept apart */
 }
 
 /* ---- the slot store and its chained tables ---- */
@@ -237,25 +300,25 @@ static int in_table(const struct store *s, const struct ipsecchan_xidx *x,
 static void link_in(struct store *s, uint32_t slot, int t, uint64_t h)
 {
     uint32_t b = (uint32_t)(h & (s->nb - 1));
-    struct hdr *e = s->v[slot];
+    struct hdr *e = rec(s, slot);
     e->lk[t].prev = NIL;
     e->lk[t].next = s->t[t].heads[b];
     if (e->lk[t].next != NIL)
-        s->v[e->lk[t].next]->lk[t].prev = slot;
+        rec(s, e->lk[t].next)->lk[t].prev = slot;
     s->t[t].heads[b] = slot;
 }
 
 static void unlink_from(struct ipsecchan_xidx *x, struct store *s, uint32_t slot, int t)
 {
-    struct hdr *e = s->v[slot];
+    struct hdr *e = rec(s, slot);
     if (!in_table(s, x, e, t))
         return;
     if (e->lk[t].prev == NIL)
         s->t[t].heads[entry_hash(s, x, e, t) & (s->nb - 1)] = e->lk[t].next;
     else
-        s->v[e->lk[t].prev]->lk[t].next = e->lk[t].next;
+        rec(s, e->lk[t].prev)->lk[t].next = e->lk[t].next;
     if (e->lk[t].next != NIL)
-        s->v[e->lk[t].next]->lk[t].prev = e->lk[t].prev;
+        rec(s, e->lk[t].next)->lk[t].prev = e->lk[t].prev;
 }
 
 static void store_release(struct ipsecchan_xidx *x, struct store *s)
@@ -267,8 +330,10 @@ static void store_release(struct ipsecchan_xidx *x, struct store *s)
     for (int t = 0; t < s->ntab; t++)
         xfree(x, s->t[t].heads);
     int ntab = s->ntab;
+    unsigned hot = s->hot;
     memset(s, 0, sizeof *s);
     s->ntab = ntab;
+    s->hot = hot;
 }
 
 static int store_init(struct ipsecchan_xidx *x, struct store *s)
@@ -478,11 +543,9 @@ static int sa_key_find(const struct ipsecchan_xidx *x, uint16_t fam, u128 dst, u
 {
     const struct store *s = &x->sa;
     uint32_t i = s->t[T_KEY].heads[h_key(fam, dst, proto, spi) & (s->nb - 1)];
-    for (; i != NIL; i = s->v[i]->lk[T_KEY].next) {
-        const struct xsa *e = (const struct xsa *)s->v[i];
-        const struct xfrm_usersa_info *in = SAI(e);
-        if (in->family == fam && e->dst == dst && in->id.proto == proto &&
-            ntohl(in->id.spi) == spi) {
+    for (; i != NIL; i = sa_rec(x, i)->h.lk[T_KEY].next) {
+        const struct xsa *e = sa_rec(x, i);
+        if (e->family == fam && e->dst == dst && e->proto == proto && e->spi == spi) {
             *slot = i;
             return 1;
         }
@@ -535,31 +598,46 @@ static int sa_build(struct ipsecchan_xidx *x, const uint8_t *pl, size_t len, siz
         size_t cut = algo_fixed(sp[i].type);
         mlen += ALIGN4(sizeof(struct nlattr) + (cut ? cut : sp[i].len));
     }
-    struct xsa *e = xmalloc(x, sizeof *e + mlen);
+    struct xsa *e = xmalloc(x, SA_HDR + mlen);
     if (!e) {
         r = IPSECCHAN_XIDX_ENOMEM;
         goto done;
     }
-    memset(e, 0, sizeof *e + mlen);
-    memcpy(e->msg, pl, fixed);
-    size_t w = ALIGN4(fixed);
+    memset(e, 0, SA_HDR);
+    uint8_t *m = e->msg;
+    memcpy(m, pl, fixed);
+    size_t w = fixed;
+    memset(m + w, 0, ALIGN4(fixed) - w);
+    w = ALIGN4(fixed);
     for (int i = 0; i < n; i++) {
         size_t cut = algo_fixed(sp[i].type);
         size_t vlen = cut ? cut : sp[i].len;
         struct nlattr h;
         memcpy(&h, pl + toff + sp[i].offset - sizeof h, sizeof h);
         h.nla_len = (uint16_t)(sizeof h + vlen);
-        memcpy(e->msg + w, &h, sizeof h);
-        memcpy(e->msg + w + sizeof h, pl + toff + sp[i].offset, vlen);
+        memcpy(m + w, &h, sizeof h);
+        memcpy(m + w + sizeof h, pl + toff + sp[i].offset, vlen);
+        memset(m + w + sizeof h + vlen, 0, ALIGN4(sizeof h + vlen) - (sizeof h + vlen));
         w += ALIGN4(sizeof h + vlen);
     }
-    e->msg_len = (uint32_t)mlen;
-    const struct xfrm_usersa_info *in = SAI(e);
-    e->dst = norm(in->family, &in->id.daddr);
-    e->src = norm(in->family, &in->saddr);
+    e->h.msg_len = (uint32_t)mlen;
+    struct xfrm_usersa_info in;
+    memcpy(&in, pl, sizeof in);
+    e->family = in.family;
+    e->dst = norm(in.family, &in.id.daddr);
+    e->src = norm(in.family, &in.saddr);
+    e->spi = ntohl(in.id.spi);
+    e->reqid = in.reqid;
+    e->proto = in.id.proto;
+    e->mode = in.mode;
+    e->flags = in.flags;
     e->mark_v = a.mark_v;
     e->mark_m = a.mark_m;
     e->if_id = a.if_id;
+    const struct xfrm_selector *sel = &in.sel;
+    e->selbits = (sel->family == 0 ? SEL_OUT_ANY : 0) |
+        (!sel->dport_mask && !sel->sport_mask && !sel->proto && !sel->ifindex &&
+         !sel->prefixlen_d && !sel->prefixlen_s ? SEL_IN_ANY : 0);
     *out = e;
 done:
     if (sp != stack)
@@ -567,21 +645,51 @@ done:
     return r;
 }
 
+static int by_slot_seq(const void *a, const void *b, void *ctx)
+{
+    const struct store *s = ctx;
+    uint32_t x = ((const struct xsa *)s->v[*(const uint32_t *)a])->seq;
+    uint32_t y = ((const struct xsa *)s->v[*(const uint32_t *)b])->seq;
+    return x < y ? -1 : x > y;
+}
+
+/* The 32-bit sequence numbers would wrap: number the SAs 1..n in their order. */
+static int renumber(struct ipsecchan_xidx *x)
+{
+    struct store *s = &x->sa;
+    uint32_t *v = malloc(((size_t)s->n + 1) * sizeof *v), n = 0;
+    if (!v)
+        return -1;
+    for (uint32_t i = 0; i < s->top; i++)
+        if (s->v[i])
+            v[n++] = i;
+    qsort_r(v, n, sizeof *v, by_slot_seq, s);
+    for (uint32_t i = 0; i < n; i++)
+        ((struct xsa *)s->v[v[i]])->seq = i + 1;
+    x->seq = n;
+    free(v);
+    return 0;
+}
+
 static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now)
 {
     struct store *s = &x->sa;
     const struct xfrm_usersa_info *in = SAI(e);
     uint32_t slot;
-    e->serial = next_serial(x);
+    if (x->seq == UINT32_MAX && renumber(x)) {
+        xfree(x, e);
+        return IPSECCHAN_XIDX_ENOMEM;
+    }
+    e->h.serial = next_serial(x);
     x->seq++;
-    if (sa_key_find(x, in->family, e->dst, in->id.proto, ntohl(in->id.spi), &slot)) {
-        struct xsa *old = (struct xsa *)s->v[slot];
+    if (sa_key_find(x, e->family, e->dst, e->proto, e->spi, &slot)) {
+        struct xsa *old = sa_rec(x, slot);
         /* An update keeps the SA's place (its sequence number) and its dying mark. */
         e->seq = old->seq;
         e->dying = old->dying || soft_expired(in, now);
         store_unlink_all(x, s, slot);
         xfree(x, old);
-        s->v[slot] = (struct hdr *)e;
+        s->v[slot] = &e->h;
         store_link_all(x, s, slot);
         return 0;
     }
@@ -592,7 +700,7 @@ static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now)
     e->seq = x->seq;
     e->dying = (uint8_t)soft_expired(in, now);
     slot = store_take_slot(s);
-    s->v[slot] = (struct hdr *)e;
+    s->v[slot] = &e->h;
     s->n++;
     store_link_all(x, s, slot);
     return 0;
@@ -615,12 +723,27 @@ static void sa_flush(struct ipsecchan_xidx *x, uint8_t proto)
         return;
     }
     for (uint32_t i = 0; i < s->top; i++)
-        if (s->v[i] && SAI((struct xsa *)s->v[i])->id.proto == proto)
+        if (s->v[i] && sa_rec(x, i)->proto == proto)
             store_drop(x, s, i);
 }
 
 /* ---- policies ---- */
 
+static void tmpl_decode(const uint8_t *p, struct tmplc *t)
+{
+    struct xfrm_user_tmpl u;
+    memcpy(&u, p, sizeof u);
+    t->family = u.family;
+    t->dst = norm(u.family, &u.id.daddr);
+    t->src = norm(u.family, &u.saddr);
+    t->spi = ntohl(u.id.spi);
+    t->reqid = u.reqid;
+    t->proto = u.id.proto;
+    t->mode = u.mode;
+    t->optional = u.optional;
+}
+
+/* Build (not insert) a policy (x NULL: a per-socket policy, memory not counted). */
 static int pol_build(struct ipsecchan_xidx *x, const uint8_t *pl, size_t len, size_t off,
                      struct xpol **out, size_t *bad)
 {
@@ -643,28 +766,37 @@ static int pol_build(struct ipsecchan_xidx *x, const uint8_t *pl, size_t len, si
         free(sp);
     if (r)
         return r;
-    struct xpol *p = x ? xmalloc(x, sizeof *p + len) : malloc(sizeof *p + len);
+    struct xpol *p = x ? xmalloc(x, POL_HDR + len) : malloc(POL_HDR + len);
     if (!p)
         return IPSECCHAN_XIDX_ENOMEM;
-    memset(p, 0, sizeof *p);
+    memset(p, 0, POL_HDR);
     memcpy(p->msg, pl, len);
-    p->msg_len = (uint32_t)len;
-    const struct xfrm_userpolicy_info *pi = POI(p);
-    uint16_t fam = pi->sel.family;
+    p->h.msg_len = (uint32_t)len;
+    struct xfrm_userpolicy_info pi;
+    memcpy(&pi, pl, sizeof pi);
+    uint16_t fam = pi.sel.family;
     unsigned bits = fam_bits(fam);
     p->family = fam;
-    p->s = norm(fam, &pi->sel.saddr);
-    p->d = norm(fam, &pi->sel.daddr);
-    p->ps = pi->sel.prefixlen_s > bits ? bits : pi->sel.prefixlen_s;
-    p->pd = pi->sel.prefixlen_d > bits ? bits : pi->sel.prefixlen_d;
-    p->key = ((uint64_t)pi->priority << 32) | pi->index;
-    p->dir = pi->dir;
-    p->action = pi->action;
+    p->s = norm(fam, &pi.sel.saddr);
+    p->d = norm(fam, &pi.sel.daddr);
+    p->ps = pi.sel.prefixlen_s > bits ? bits : pi.sel.prefixlen_s;
+    p->pd = pi.sel.prefixlen_d > bits ? bits : pi.sel.prefixlen_d;
+    p->sport = ntohs(pi.sel.sport);
+    p->sport_mask = ntohs(pi.sel.sport_mask);
+    p->dport = ntohs(pi.sel.dport);
+    p->dport_mask = ntohs(pi.sel.dport_mask);
+    p->sproto = pi.sel.proto;
+    p->ifindex = pi.sel.ifindex;
+    p->key = ((uint64_t)pi.priority << 32) | pi.index;
+    p->dir = pi.dir;
+    p->action = pi.action;
     p->mark_v = a.mark_v;
     p->mark_m = a.mark_m;
     p->if_id = a.if_id;
     p->ntmpl = (uint32_t)(a.tmpl_len / sizeof(struct xfrm_user_tmpl));
     p->tmpl_off = a.tmpl ? (uint32_t)(a.tmpl - pl) : 0;
+    if (p->ntmpl)
+        tmpl_decode(a.tmpl, &p->t0);
     *out = p;
     return 0;
 }
@@ -707,8 +839,8 @@ static int pol_key_find(const struct ipsecchan_xidx *x, uint8_t dir, uint32_t in
 {
     const struct store *s = &x->pol;
     uint32_t i = s->t[P_KEY].heads[h_pkey(dir, index) & (s->nb - 1)];
-    for (; i != NIL; i = s->v[i]->lk[P_KEY].next) {
-        const struct xpol *p = (const struct xpol *)s->v[i];
+    for (; i != NIL; i = pol_rec(x, i)->h.lk[P_KEY].next) {
+        const struct xpol *p = pol_rec(x, i);
         if (p->dir == dir && (uint32_t)p->key == index) {
             *slot = i;
             return 1;
@@ -717,11 +849,58 @@ static int pol_key_find(const struct ipsecchan_xidx *x, uint8_t dir, uint32_t in
     return 0;
 }
 
+static inline uint32_t tss_bucket(const struct ipsecchan_xidx *x, const struct xpol *p)
+{
+    return (uint32_t)(pol_hash(p, P_TSS) & (x->tss_nb - 1));
+}
+
+static void tss_link(struct ipsecchan_xidx *x, struct xpol *p)
+{
+    uint32_t b = tss_bucket(x, p);
+    p->tprev = NULL;
+    p->tnext = x->tss[b];
+    if (p->tnext)
+        p->tnext->tprev = p;
+    x->tss[b] = p;
+}
+
+static void tss_unlink(struct ipsecchan_xidx *x, struct xpol *p)
+{
+    if (p->tprev)
+        p->tprev->tnext = p->tnext;
+    else
+        x->tss[tss_bucket(x, p)] = p->tnext;
+    if (p->tnext)
+        p->tnext->tprev = p->tprev;
+    x->tss_n--;
+}
+
+/* Room for one more policy in the TSS table. Changes nothing visible. */
+static int tss_reserve(struct ipsecchan_xidx *x)
+{
+    if ((uint64_t)(x->tss_n + 1) * 2 <= x->tss_nb)
+        return 0;
+    uint32_t nb = x->tss_nb ? x->tss_nb * 2 : 256;
+    struct xpol **t = xmalloc(x, (size_t)nb * sizeof *t);
+    if (!t)
+        return -1;
+    memset(t, 0, (size_t)nb * sizeof *t);
+    xfree(x, x->tss);
+    x->tss = t;
+    x->tss_nb = nb;
+    for (uint32_t i = 0; i < x->pol.top; i++)
+        if (x->pol.v[i] && pol_in_tss(pol_rec(x, i)))
+            tss_link(x, pol_rec(x, i));
+    return 0;
+}
+
 static void pol_drop(struct ipsecchan_xidx *x, uint32_t slot)
 {
-    const struct xpol *p = (const struct xpol *)x->pol.v[slot];
-    if (pol_in_tss(p))
+    struct xpol *p = pol_rec(x, slot);
+    if (pol_in_tss(p)) {
         cls_del(x, p);
+        tss_unlink(x, p);
+    }
     store_drop(x, &x->pol, slot);
 }
 
@@ -731,24 +910,31 @@ static int pol_put(struct ipsecchan_xidx *x, struct xpol *p)
     uint32_t slot;
     int had = pol_key_find(x, p->dir, (uint32_t)p->key, &slot);
     /* Reserve everything first: a failure leaves the index as it was. */
-    if ((!had && store_reserve(x, s)) || (pol_in_tss(p) && cls_add(x, p))) {
+    if ((!had && store_reserve(x, s)) || (pol_in_tss(p) && tss_reserve(x)) ||
+        (pol_in_tss(p) && cls_add(x, p))) {
         xfree(x, p);
         return IPSECCHAN_XIDX_ENOMEM;
     }
-    p->serial = next_serial(x);
+    p->h.serial = next_serial(x);
     if (had) {
-        const struct xpol *old = (const struct xpol *)s->v[slot];
-        if (pol_in_tss(old))
+        struct xpol *old = pol_rec(x, slot);
+        if (pol_in_tss(old)) {
             cls_del(x, old);
+            tss_unlink(x, old);
+        }
         store_unlink_all(x, s, slot);
-        xfree(x, s->v[slot]);
+        xfree(x, old);
     } else {
         slot = store_take_slot(s);
         s->n++;
     }
     p->slot = slot;
-    s->v[slot] = (struct hdr *)p;
+    s->v[slot] = &p->h;
     store_link_all(x, s, slot);
+    if (pol_in_tss(p)) {
+        tss_link(x, p);
+        x->tss_n++;
+    }
     return 0;
 }
 
@@ -758,8 +944,10 @@ static void pol_flush(struct ipsecchan_xidx *x)
     store_init(x, &x->pol);
     for (int d = 0; d < 2; d++)
         x->cls[d].n = 0;
+    xfree(x, x->tss);
+    x->tss = NULL;
+    x->tss_nb = x->tss_n = 0;
 }
-
 /* ---- applying messages ---- */
 
 /* The fixed header and attributes of a delete notification; the first XFRMA_SA/POLICY
@@ -837,7 +1025,7 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
             if (ue.hard)
                 store_drop(x, &x->sa, slot);
             else
-                ((struct xsa *)x->sa.v[slot])->dying = 1;
+                sa_rec(x, slot)->dying = 1;
         }
         return 1;
     }
@@ -968,6 +1156,7 @@ static inline int prefix_ok(uint16_t ffam, u128 a, u128 n, unsigned plen)
     return (a >> sh) == (n >> sh);
 }
 
+/* A selector of a stored message (SA selectors that are not all-wildcard). */
 static int sel_match(const struct xfrm_selector *sel, u128 sn, u128 dn, const struct flowc *f,
                      int out)
 {
@@ -981,100 +1170,157 @@ static int sel_match(const struct xfrm_selector *sel, u128 sn, u128 dn, const st
         && prefix_ok(f->family, src, sn, sel->prefixlen_s);
 }
 
-static int pol_match(const struct xpol *p, const struct flowc *f, int out)
+/* The policy's family is the flow's once the first test passes, so its clamped prefix
+ * lengths are those sel_match would clamp. */
+static inline int pol_match(const struct xpol *p, const struct flowc *f, int out)
 {
+    u128 src = out ? f->local : f->remote, dst = out ? f->remote : f->local;
+    uint16_t sport = out ? f->lport : f->rport, dport = out ? f->rport : f->lport;
     return p->family == f->family && p->if_id == f->if_id &&
            (f->mark & p->mark_m) == p->mark_v &&
-           sel_match(&POI(p)->sel, p->s, p->d, f, out);
+           !((dport ^ p->dport) & p->dport_mask) && !((sport ^ p->sport) & p->sport_mask) &&
+           (p->sproto == 0 || p->sproto == f->proto) &&
+           (p->ifindex == 0 || p->ifindex == f->ifindex) &&
+           prefix_ok(f->family, dst, p->d, p->pd) && prefix_ok(f->family, src, p->s, p->ps);
+}
+
+/* The cache lines of the first n bytes at p. */
+static inline void prefetch_lines(const void *p, unsigned n)
+{
+    for (unsigned i = 0; i < n; i += 64)
+        PREFETCH((const char *)p + i);
+    PREFETCH((const char *)p + n - 1);
+}
+
+#define PF_CLASSES 8                 /* classes whose buckets are prefetched */
+
+/* Where a policy lookup will look: the bucket of each class (NIL: class skipped). */
+struct polprobe { uint32_t b[PF_CLASSES]; };
+
+static void pol_probe_start(const struct ipsecchan_xidx *x, const struct flowc *f, int dir,
+                            struct polprobe *pp)
+{
+    const struct clist *c = &x->cls[dir];
+    u128 src = dir ? f->local : f->remote, dst = dir ? f->remote : f->local;
+    for (uint32_t k = 0; k < c->n && k < PF_CLASSES; k++) {
+        const struct cls *cl = &c->v[k];
+        if (cl->family != f->family) {
+            pp->b[k] = NIL;
+            continue;
+        }
+        uint64_t h = h_tss((uint8_t)dir, cl->family, cl->ps, cl->pd,
+                           tss_addr(cl->family, src, cl->ps), tss_addr(cl->family, dst, cl->pd));
+        pp->b[k] = (uint32_t)(h & (x->tss_nb - 1));
+    }
 }
 
 static const struct xpol *find_policy(const struct ipsecchan_xidx *x, const struct flowc *f,
-                                      int dir)
+                                      int dir, const struct polprobe *pp, uint32_t *bslot)
 {
-    const struct store *s = &x->pol;
     const struct clist *c = &x->cls[dir];
     const struct xpol *best = NULL;
     uint64_t bestkey = UINT64_MAX;
-    if (!s->n)
+    if (!x->tss_n)
         return NULL;
+    u128 src = dir ? f->local : f->remote, dst = dir ? f->remote : f->local;
     for (uint32_t k = 0; k < c->n; k++) {
         const struct cls *cl = &c->v[k];
         if (cl->family != f->family || (best && cl->minkey > bestkey))
             continue;
-        u128 src = dir ? f->local : f->remote, dst = dir ? f->remote : f->local;
-        uint64_t h = h_tss((uint8_t)dir, cl->family, cl->ps, cl->pd,
-                           tss_addr(cl->family, src, cl->ps), tss_addr(cl->family, dst, cl->pd));
-        for (uint32_t i = s->t[P_TSS].heads[h & (s->nb - 1)]; i != NIL;
-             i = s->v[i]->lk[P_TSS].next) {
-            const struct xpol *p = (const struct xpol *)s->v[i];
-            if (p->key < bestkey && p->dir == dir && pol_match(p, f, dir))
-                best = p, bestkey = p->key;
+        uint32_t b;
+        if (k < PF_CLASSES) {
+            b = pp->b[k];
+        } else {
+            uint64_t h = h_tss((uint8_t)dir, cl->family, cl->ps, cl->pd,
+                               tss_addr(cl->family, src, cl->ps),
+                               tss_addr(cl->family, dst, cl->pd));
+            b = (uint32_t)(h & (x->tss_nb - 1));
         }
+        for (const struct xpol *p = x->tss[b]; p; p = p->tnext)
+            if (p->key < bestkey && p->dir == dir && pol_match(p, f, dir))
+                best = p, bestkey = p->key, *bslot = p->slot;
     }
     return best;
 }
 
-struct tmplc {
-    u128 dst, src;
-    uint32_t spi, reqid;
-    uint16_t family;
-    uint8_t proto, mode, optional;
-};
-
-static void tmpl_at(const struct xpol *p, uint32_t i, struct tmplc *t)
+static inline void tmpl_at(const struct xpol *p, uint32_t i, struct tmplc *t)
 {
-    struct xfrm_user_tmpl u;
-    memcpy(&u, p->msg + p->tmpl_off + (size_t)i * sizeof u, sizeof u);
-    t->family = u.family;
-    t->dst = norm(u.family, &u.id.daddr);
-    t->src = norm(u.family, &u.saddr);
-    t->spi = ntohl(u.id.spi);
-    t->reqid = u.reqid;
-    t->proto = u.id.proto;
-    t->mode = u.mode;
-    t->optional = u.optional;
+    if (i == 0)
+        *t = p->t0;
+    else
+        tmpl_decode(p->msg + p->tmpl_off + (size_t)i * sizeof(struct xfrm_user_tmpl), t);
 }
 
 static int out_candidate(const struct xsa *e, const struct tmplc *t, const struct xpol *pol,
                          const struct flowc *f, u128 dst, u128 src)
 {
-    const struct xfrm_usersa_info *i = SAI(e);
     uint16_t fam = t->family;
-    uint32_t spi = ntohl(i->id.spi);
-    if (i->family != fam || i->reqid != t->reqid || i->mode != t->mode ||
-        i->id.proto != t->proto || (t->spi && spi != t->spi) || spi == 0 ||
+    if (e->family != fam || e->reqid != t->reqid || e->mode != t->mode ||
+        e->proto != t->proto || (t->spi && e->spi != t->spi) || e->spi == 0 ||
         ((pol->mark_v & pol->mark_m) & e->mark_m) != e->mark_v || e->if_id != pol->if_id ||
-        (i->flags & STATE_WILDRECV))
+        (e->flags & STATE_WILDRECV))
         return 0;
     u128 sd = cmpv(fam, e->dst), ss = cmpv(fam, e->src), fs = cmpv(fam, src);
     if (cmpv(fam, dst) != sd || !(fs == ss || fs == 0 || ss == 0))
         return 0;
-    const struct xfrm_selector *sel = &i->sel;
-    return sel->family == 0 || (sel->family == f->family &&
-        sel_match(sel, norm(sel->family, &sel->saddr), norm(sel->family, &sel->daddr), f, 1));
+    if (e->selbits & SEL_OUT_ANY)
+        return 1;
+    const struct xfrm_selector *sel = &SAI(e)->sel;
+    return sel->family == f->family &&
+        sel_match(sel, norm(sel->family, &sel->saddr), norm(sel->family, &sel->daddr), f, 1);
 }
 
 static int in_accepts(const struct xsa *e, const struct tmplc *t, const struct xpol *pol,
                       const struct flowc *f)
 {
-    const struct xfrm_usersa_info *i = SAI(e);
     uint16_t fam = t->family;
-    uint32_t spi = ntohl(i->id.spi);
     if (t->mode == XFRM_MODE_TRANSPORT) {
-        if (i->family != f->family || cmpv(fam, e->dst) != cmpv(fam, f->local))
+        if (e->family != f->family || cmpv(fam, e->dst) != cmpv(fam, f->local))
             return 0;
     } else {
         u128 ts = cmpv(fam, t->src);
-        if (i->family != fam || cmpv(fam, e->dst) != cmpv(fam, t->dst) ||
+        if (e->family != fam || cmpv(fam, e->dst) != cmpv(fam, t->dst) ||
             !(ts == 0 || ts == cmpv(fam, e->src)))
             return 0;
     }
-    if (spi == 0 || i->id.proto != t->proto || i->mode != t->mode ||
-        (t->spi && spi != t->spi) || (t->reqid && i->reqid != t->reqid) ||
+    if (e->spi == 0 || e->proto != t->proto || e->mode != t->mode ||
+        (t->spi && e->spi != t->spi) || (t->reqid && e->reqid != t->reqid) ||
         (pol->if_id && e->if_id != pol->if_id))
         return 0;
-    const struct xfrm_selector *sel = &i->sel;
+    if (e->selbits & SEL_IN_ANY)
+        return 1;
+    const struct xfrm_selector *sel = &SAI(e)->sel;
     return sel_match(sel, norm(sel->family, &sel->saddr), norm(sel->family, &sel->daddr), f, 0);
+}
+
+/* The OUT chain of a template: its bucket. */
+static inline uint32_t out_bucket(const struct ipsecchan_xidx *x, const struct tmplc *t,
+                                  const struct flowc *f)
+{
+    int tunnel = t->mode == XFRM_MODE_TUNNEL || t->mode == XFRM_MODE_BEET;
+    u128 dst = tunnel ? t->dst : f->remote;
+    return (uint32_t)(h_out(t->family, t->reqid, t->proto, t->mode, cmpv(t->family, dst)) &
+                      (x->sa.nb - 1));
+}
+
+/* The IN chain of a template: table and bucket (-1: no table, a linear scan). */
+static inline int in_bucket(const struct ipsecchan_xidx *x, const struct tmplc *t,
+                            const struct flowc *f, uint32_t *b)
+{
+    int transport = t->mode == XFRM_MODE_TRANSPORT;
+    if (!famok(t->family) || (transport && !famok(f->family)))
+        return -1;
+    u128 X = transport ? f->local : t->dst;
+    int tab;
+    uint64_t h;
+    if (t->spi)
+        tab = T_KEY, h = h_key(transport ? f->family : t->family, X, t->proto, t->spi);
+    else if (t->reqid)
+        tab = T_INR, h = h_inr(X, t->proto, t->mode, t->reqid);
+    else
+        tab = T_IN, h = h_in(X, t->proto, t->mode);
+    *b = (uint32_t)(h & (x->sa.nb - 1));
+    return tab;
 }
 
 struct writer { uint64_t *out; size_t cap, n; };
@@ -1088,18 +1334,7 @@ static inline void put(struct writer *w, uint64_t v)
 
 static inline uint64_t sa_handle(const struct ipsecchan_xidx *x, uint32_t slot)
 {
-    return handle_of(((const struct xsa *)x->sa.v[slot])->serial, slot);
-}
-
-static uint64_t pol_handle(const struct ipsecchan_xidx *x, const struct xpol *p,
-                           const struct xpol *sock)
-{
-    if (!p)
-        return 0;
-    if (p == sock)
-        return IPSECCHAN_XIDX_SOCKET_POLICY;
-    (void)x;
-    return handle_of(p->serial, p->slot);
+    return handle_of(sa_rec(x, slot)->h.serial, slot);
 }
 
 /* A growable array of slots. */
@@ -1125,7 +1360,7 @@ static void slots_init(struct slots *s) { s->v = s->stack; s->n = 0; s->cap = 16
 static void slots_free(struct slots *s) { if (s->v != s->stack) free(s->v); }
 
 static int out_path(const struct ipsecchan_xidx *x, const struct flowc *f,
-                    const struct xpol *pol, const struct xpol *sock, unsigned defaults,
+                    const struct xpol *pol, uint64_t ph, uint64_t flags, unsigned defaults,
                     struct writer *w)
 {
     if (!pol) {
@@ -1134,7 +1369,6 @@ static int out_path(const struct ipsecchan_xidx *x, const struct flowc *f,
         put(w, 0); put(w, 0); put(w, 0);
         return 0;
     }
-    uint64_t ph = pol_handle(x, pol, sock), flags = pol == sock;
     if (pol->action == XFRM_POLICY_BLOCK) {
         put(w, IPSECCHAN_XIDX_BLOCK); put(w, ph); put(w, flags); put(w, 0);
         return 0;
@@ -1151,19 +1385,17 @@ static int out_path(const struct ipsecchan_xidx *x, const struct flowc *f,
         const struct xsa *best = NULL;
         uint32_t bslot = NIL;
         if (s->n) {
-            uint64_t h = h_out(t.family, t.reqid, t.proto, t.mode, cmpv(t.family, dst));
-            for (uint32_t i = s->t[T_OUT].heads[h & (s->nb - 1)]; i != NIL;
-                 i = s->v[i]->lk[T_OUT].next) {
-                const struct xsa *e = (const struct xsa *)s->v[i];
-                if (!out_candidate(e, &t, pol, f, dst, src))
-                    continue;
+            for (uint32_t i = s->t[T_OUT].heads[out_bucket(x, &t, f)]; i != NIL;) {
+                const struct xsa *e = sa_rec(x, i);
                 /* rank: not dying, then the newest add_time, then the latest inserted */
-                if (!best || (!e->dying > !best->dying) ||
-                    (!e->dying == !best->dying &&
-                     (SAI(e)->curlft.add_time > SAI(best)->curlft.add_time ||
-                      (SAI(e)->curlft.add_time == SAI(best)->curlft.add_time &&
-                       e->seq > best->seq))))
+                if (out_candidate(e, &t, pol, f, dst, src) &&
+                    (!best || (!e->dying > !best->dying) ||
+                     (!e->dying == !best->dying &&
+                      (SAI(e)->curlft.add_time > SAI(best)->curlft.add_time ||
+                       (SAI(e)->curlft.add_time == SAI(best)->curlft.add_time &&
+                        e->seq > best->seq)))))
                     best = e, bslot = i;
+                i = e->h.lk[T_OUT].next;
             }
         }
         if (!best) {
@@ -1186,17 +1418,12 @@ static int out_path(const struct ipsecchan_xidx *x, const struct flowc *f,
     return 0;
 }
 
-static const struct xsa *sa_at(const struct ipsecchan_xidx *x, uint32_t slot)
-{
-    return (const struct xsa *)x->sa.v[slot];
-}
-
 static const struct ipsecchan_xidx *sort_ctx;
 
 static int by_seq(const void *a, const void *b)
 {
-    uint64_t sa = sa_at(sort_ctx, *(const uint32_t *)a)->seq;
-    uint64_t sb = sa_at(sort_ctx, *(const uint32_t *)b)->seq;
+    uint64_t sa = sa_rec(sort_ctx, *(const uint32_t *)a)->seq;
+    uint64_t sb = sa_rec(sort_ctx, *(const uint32_t *)b)->seq;
     return sa < sb ? -1 : sa > sb;
 }
 
@@ -1206,8 +1433,8 @@ static void sort_by_seq(const struct ipsecchan_xidx *x, uint32_t *v, uint32_t n)
     if (n <= 32) {
         for (uint32_t i = 1; i < n; i++) {
             uint32_t k = v[i], j = i;
-            uint64_t sk = sa_at(x, k)->seq;
-            while (j && sa_at(x, v[j - 1])->seq > sk) {
+            uint64_t sk = sa_rec(x, k)->seq;
+            while (j && sa_rec(x, v[j - 1])->seq > sk) {
                 v[j] = v[j - 1];
                 j--;
             }
@@ -1220,7 +1447,7 @@ static void sort_by_seq(const struct ipsecchan_xidx *x, uint32_t *v, uint32_t n)
 }
 
 static int in_path(const struct ipsecchan_xidx *x, const struct flowc *f,
-                   const struct xpol *pol, const struct xpol *sock, unsigned defaults,
+                   const struct xpol *pol, uint64_t ph, uint64_t flags, unsigned defaults,
                    struct writer *w)
 {
     if (!pol) {
@@ -1229,7 +1456,6 @@ static int in_path(const struct ipsecchan_xidx *x, const struct flowc *f,
         put(w, 0); put(w, block ? 0 : 2); put(w, 0);
         return 0;
     }
-    uint64_t ph = pol_handle(x, pol, sock), flags = pol == sock;
     if (pol->action == XFRM_POLICY_BLOCK) {
         put(w, IPSECCHAN_XIDX_BLOCK); put(w, ph); put(w, flags); put(w, 0);
         return 0;
@@ -1246,28 +1472,20 @@ static int in_path(const struct ipsecchan_xidx *x, const struct flowc *f,
     for (uint32_t k = 0; k < pol->ntmpl && !r; k++) {
         struct tmplc t;
         tmpl_at(pol, k, &t);
-        int transport = t.mode == XFRM_MODE_TRANSPORT;
         these.n = 0;
-        if (!s->n) {
-            /* nothing */
-        } else if (!famok(t.family) || (transport && !famok(f->family))) {
+        uint32_t b;
+        int tab = s->n ? in_bucket(x, &t, f, &b) : -2;
+        if (tab == -1) {
             for (uint32_t i = 0; i < s->top && !r; i++)
-                if (s->v[i] && in_accepts(sa_at(x, i), &t, pol, f))
+                if (s->v[i] && in_accepts(sa_rec(x, i), &t, pol, f))
                     r = slots_push(&these, i);
-        } else {
-            u128 X = transport ? f->local : t.dst;
-            int tab;
-            uint64_t h;
-            if (t.spi)
-                tab = T_KEY, h = h_key(transport ? f->family : t.family, X, t.proto, t.spi);
-            else if (t.reqid)
-                tab = T_INR, h = h_inr(X, t.proto, t.mode, t.reqid);
-            else
-                tab = T_IN, h = h_in(X, t.proto, t.mode);
-            for (uint32_t i = s->t[tab].heads[h & (s->nb - 1)]; i != NIL && !r;
-                 i = s->v[i]->lk[tab].next)
-                if (in_accepts(sa_at(x, i), &t, pol, f))
+        } else if (tab >= 0) {
+            for (uint32_t i = s->t[tab].heads[b]; i != NIL && !r;) {
+                const struct xsa *e = sa_rec(x, i);
+                if (in_accepts(e, &t, pol, f))
                     r = slots_push(&these, i);
+                i = e->h.lk[tab].next;
+            }
         }
         sort_by_seq(x, these.v, these.n);
         for (uint32_t i = 0; i < these.n && !r; i++) {
@@ -1301,6 +1519,54 @@ static int sock_policy(const char *msg, size_t len, struct xpol **out)
     return pol_build(NULL, (const uint8_t *)msg, len, 0, out, &bad);
 }
 
+/* A chain to prefetch. */
+struct probe { const struct store *s; int t; uint32_t b, slot; };
+
+#define MAX_PROBES (2 * PF_CLASSES)
+
+/* Fetch the first `depth` records of each chain, one level at a time (bucket word, slot
+ * pointer, record, next link, ...) for all chains at once: their misses overlap instead of
+ * adding up. */
+static void prefetch_chains(struct probe *p, int n, int depth)
+{
+    for (int i = 0; i < n; i++)
+        PREFETCH(&p[i].s->t[p[i].t].heads[p[i].b]);
+    for (int i = 0; i < n; i++) {
+        p[i].slot = p[i].s->t[p[i].t].heads[p[i].b];
+        if (p[i].slot != NIL)
+            PREFETCH(&p[i].s->v[p[i].slot]);
+    }
+    for (int d = 0; d < depth; d++) {
+        for (int i = 0; i < n; i++)
+            if (p[i].slot != NIL)
+                prefetch_lines(p[i].s->v[p[i].slot], p[i].s->hot);
+        if (d + 1 == depth)
+            break;
+        for (int i = 0; i < n; i++)
+            if (p[i].slot != NIL) {
+                p[i].slot = p[i].s->v[p[i].slot]->lk[p[i].t].next;
+                if (p[i].slot != NIL)
+                    PREFETCH(&p[i].s->v[p[i].slot]);
+            }
+    }
+}
+
+/* The first SA chain of a policy's path. */
+static int sa_probe(const struct ipsecchan_xidx *x, const struct flowc *f,
+                    const struct xpol *pol, int out, struct probe *p)
+{
+    if (!pol || pol->action == XFRM_POLICY_BLOCK || !pol->ntmpl || !x->sa.n)
+        return 0;
+    uint32_t b;
+    int tab = T_OUT;
+    if (out)
+        b = out_bucket(x, &pol->t0, f);
+    else if ((tab = in_bucket(x, &pol->t0, f, &b)) < 0)
+        return 0;
+    *p = (struct probe){&x->sa, tab, b, NIL};
+    return 1;
+}
+
 int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *x, uint16_t family,
                               uint8_t proto, const char *local, uint16_t local_port,
                               const char *remote, uint16_t remote_port, uint32_t mark,
@@ -1310,8 +1576,8 @@ int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *x, uint16_t family,
                               unsigned defaults, uint64_t *out, size_t out_cap)
 {
     struct flowc f = {
-        .local = load_be((const uint8_t *)local, 16),
-        .remote = load_be((const uint8_t *)remote, 16),
+        .local = load_be16((const uint8_t *)local),
+        .remote = load_be16((const uint8_t *)remote),
         .mark = mark, .if_id = if_id, .ifindex = ifindex, .family = family,
         .lport = local_port, .rport = remote_port, .proto = proto,
     };
@@ -1323,15 +1589,62 @@ int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *x, uint16_t family,
         free(so);
         return r;
     }
+    /* Both directions at once, one level of the dependency chain at a time: policy
+     * buckets, policy records, SA buckets, SA records; the misses of a level overlap. */
+    struct polprobe ppo = {{0}}, ppi = {{0}};
+    int main_out = !(so && pol_match(so, &f, 1)), main_in = !(si && pol_match(si, &f, 0));
+    struct probe pr[MAX_PROBES];
+    int npr = 0;
+    if (x->tss_n) {
+        const struct xpol *pp[MAX_PROBES];
+        uint32_t pb[MAX_PROBES];
+        for (int dir = 1; dir >= 0; dir--) {
+            if (!(dir ? main_out : main_in))
+                continue;
+            struct polprobe *q = dir ? &ppo : &ppi;
+            pol_probe_start(x, &f, dir, q);
+            for (uint32_t k = 0; k < x->cls[dir].n && k < PF_CLASSES; k++)
+                if (q->b[k] != NIL) {
+                    PREFETCH(&x->tss[q->b[k]]);
+                    pb[npr++] = q->b[k];
+                }
+        }
+        /* bucket words, then the first two records of each chain */
+        for (int i = 0; i < npr; i++)
+            if ((pp[i] = x->tss[pb[i]]))
+                prefetch_lines(pp[i], POL_HDR);
+        for (int i = 0; i < npr; i++)
+            if (pp[i] && pp[i]->tnext)
+                prefetch_lines(pp[i]->tnext, POL_HDR);
+        npr = 0;
+    }
+    uint32_t so_slot = 0, si_slot = 0;
+    const struct xpol *po = main_out ? find_policy(x, &f, 1, &ppo, &so_slot) : so;
+    const struct xpol *pi = main_in ? find_policy(x, &f, 0, &ppi, &si_slot) : si;
+    npr = sa_probe(x, &f, po, 1, &pr[0]);
+    npr += sa_probe(x, &f, pi, 0, &pr[npr]);
+    prefetch_chains(pr, npr, 2);
+    uint64_t pho = !po ? 0 : main_out ? handle_of(po->h.serial, so_slot)
+                                      : IPSECCHAN_XIDX_SOCKET_POLICY;
+    uint64_t phi = !pi ? 0 : main_in ? handle_of(pi->h.serial, si_slot)
+                                     : IPSECCHAN_XIDX_SOCKET_POLICY;
     struct writer w = {out, out_cap, 0};
-    const struct xpol *po = so && pol_match(so, &f, 1) ? so : find_policy(x, &f, 1);
-    const struct xpol *pi = si && pol_match(si, &f, 0) ? si : find_policy(x, &f, 0);
-    r = out_path(x, &f, po, so, defaults, &w);
+    r = out_path(x, &f, po, pho, !main_out, defaults, &w);
     if (!r)
-        r = in_path(x, &f, pi, si, defaults, &w);
+        r = in_path(x, &f, pi, phi, !main_in, defaults, &w);
     free(so);
     free(si);
     return r ? r : (int64_t)w.n;
+}
+
+int64_t ipsecchan_xidx_lookup_flow(const struct ipsecchan_xidx *x, uint16_t family,
+                                   uint8_t proto, const char *local, uint16_t local_port,
+                                   const char *remote, uint16_t remote_port, uint32_t mark,
+                                   int32_t ifindex, uint32_t if_id, unsigned defaults,
+                                   uint64_t *out, size_t out_cap)
+{
+    return ipsecchan_xidx_lookup(x, family, proto, local, local_port, remote, remote_port,
+                                 mark, ifindex, if_id, NULL, 0, NULL, 0, defaults, out, out_cap);
 }
 
 /* ---- views and lifecycle ---- */
@@ -1357,7 +1670,7 @@ size_t ipsecchan_xidx_sa_handles(const struct ipsecchan_xidx *x, uint64_t *out, 
     size_t n = 0;
     for (uint32_t i = 0; i < s->top; i++)
         if (s->v[i])
-            v[n++] = (struct seqh){sa_at(x, i)->seq, sa_handle(x, i)};
+            v[n++] = (struct seqh){sa_rec(x, i)->seq, sa_handle(x, i)};
     qsort(v, n, sizeof *v, by_seqh);
     for (size_t i = 0; i < n && i < max; i++)
         out[i] = v[i].handle;
@@ -1373,36 +1686,35 @@ size_t ipsecchan_xidx_policy_handles(const struct ipsecchan_xidx *x, uint64_t *o
     for (uint32_t i = 0; i < s->top; i++)
         if (s->v[i]) {
             if (n < max)
-                out[n] = handle_of(((const struct xpol *)s->v[i])->serial, i);
+                out[n] = handle_of(pol_rec(x, i)->h.serial, i);
             n++;
         }
     return n;
 }
 
-static const struct hdr *resolve(const struct store *s, uint64_t h, int is_sa)
+static const struct hdr *resolve(const struct store *s, uint64_t h)
 {
     uint32_t slot = (uint32_t)h, serial = (uint32_t)(h >> 32);
-    if (slot >= s->top || !s->v[slot])
+    if (slot >= s->top)
         return NULL;
-    uint32_t have = is_sa ? ((const struct xsa *)s->v[slot])->serial
-                          : ((const struct xpol *)s->v[slot])->serial;
-    return have == serial ? s->v[slot] : NULL;
+    const struct hdr *e = s->v[slot];
+    return e && e->serial == serial ? e : NULL;
 }
 
 const uint8_t *ipsecchan_xidx_sa_message(const struct ipsecchan_xidx *x, uint64_t handle,
                                          size_t *len)
 {
-    const struct xsa *e = (const struct xsa *)resolve(&x->sa, handle, 1);
-    *len = e ? e->msg_len : 0;
+    const struct xsa *e = (const struct xsa *)resolve(&x->sa, handle);
+    *len = e ? e->h.msg_len : 0;
     return e ? e->msg : NULL;
 }
 
 const uint8_t *ipsecchan_xidx_policy_message(const struct ipsecchan_xidx *x,
                                              uint64_t handle, size_t *len)
 {
-    const struct xpol *p = (const struct xpol *)resolve(&x->pol, handle, 0);
-    *len = p ? p->msg_len : 0;
-    return p ? p->msg : NULL;
+    const struct xpol *e = (const struct xpol *)resolve(&x->pol, handle);
+    *len = e ? e->h.msg_len : 0;
+    return e ? e->msg : NULL;
 }
 
 struct ipsecchan_xidx *ipsecchan_xidx_new(void)
@@ -1412,7 +1724,9 @@ struct ipsecchan_xidx *ipsecchan_xidx_new(void)
         return NULL;
     x->mem = malloc_usable_size(x) + sizeof(size_t);
     x->sa.ntab = 4;
-    x->pol.ntab = 2;
+    x->pol.ntab = 1;     /* KEY; the TSS table is x->tss */
+    x->sa.hot = SA_HDR;
+    x->pol.hot = POL_HDR;
     if (store_init(x, &x->sa) || store_init(x, &x->pol)) {
         ipsecchan_xidx_free(x);
         return NULL;
@@ -1434,6 +1748,7 @@ void ipsecchan_xidx_free(struct ipsecchan_xidx *x)
     store_release(x, &x->pol);
     for (int d = 0; d < 2; d++)
         xfree(x, x->cls[d].v);
+    xfree(x, x->tss);
     free(x);
 }
 

@@ -82,6 +82,13 @@ int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *idx, uint16_t family,
                               const char *sock_in, size_t sock_in_len,
                               unsigned defaults, uint64_t *out, size_t out_cap);
 
+/* The same without per-socket policies (fewer arguments: the wrapper's common case). */
+int64_t ipsecchan_xidx_lookup_flow(const struct ipsecchan_xidx *idx, uint16_t family,
+                                   uint8_t proto, const char *local, uint16_t local_port,
+                                   const char *remote, uint16_t remote_port, uint32_t mark,
+                                   int32_t ifindex, uint32_t if_id, unsigned defaults,
+                                   uint64_t *out, size_t out_cap);
+
 /* For benchmarks: the lookup of each flow, `rounds` times, timed one by one in C
  * (CLOCK_MONOTONIC); ns_out gets nflows * rounds durations. Returns the total number of
  * answer words (to keep the work observable), or a negative code. */

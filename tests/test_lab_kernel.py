@@ -33,6 +33,11 @@ def test_direct_mode_inside_a_kernel_with_esp(lab_kernel):
     assert "lab kernel: direct" in out
     assert "alice: strongSwan reports peer CN=bob" in out
     assert "bob: strongSwan reports peer CN=alice" in out
+    # Latching and the impostor (ipsecchan.lab.demo.impostor; tests/test_lab_impostor.py).
+    assert "peer ID     CN=bob (auth pubkey)" in out
+    assert "latch BROKEN, cause peer-changed" in out
+    assert "received 0 bytes" in out
+    assert "OK: the latch followed the rekey" in out
     # The nested lab left no namespace in the outer kernel.
     assert lab_kernel.call("run", argv=["ip", "netns", "list"])["stdout"] == b""
 

@@ -117,3 +117,115 @@ def test_latch_rekey_break_resolve(lab, auth):
                             ["ESTABLISHED", "BROKEN", "no-sa"],
                             ["BROKEN", "ESTABLISHED", None],
                             ["ESTABLISHED", "CLOSED", None]]
+
+
+FAULTS = r"""
+import json, os, signal, socket, subprocess, sys, time
+import vici
+from ipsecchan.ike.strongswan import StrongSwanSource
+from ipsecchan.latch.engine import Latcher
+
+BOB, VICI, CONN, CHILD = sys.argv[1:5]
+ME = "10.0.0.1"
+r = {}
+src = StrongSwanSource(VICI)
+end = time.monotonic() + 10
+while not src.connected and time.monotonic() < end:
+    time.sleep(0.05)
+lat = Latcher(src)
+
+def until(h, state, wait=10):
+    t0, end = time.monotonic(), time.monotonic() + wait
+    while time.monotonic() < end and h.state.value != state:
+        lat.poll(0.05)
+    return [h.state.value, h.latch.cause.value if h.latch.cause else None,
+            round(time.monotonic() - t0, 2)]
+
+sent = received = 0
+def exchange(s, msg, wait):
+    global sent, received
+    if msg:
+        s.sendall(msg)
+        sent += len(msg)
+    end = time.monotonic() + wait
+    while received < sent and time.monotonic() < end:
+        s.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+    return received == sent
+
+def ip_out():
+    # IPv4 packets this namespace handed to the link layer (clear or ESP): the kernel counts
+    # them in ip_output, which a packet refused by a policy never reaches.
+    with open("/proc/net/snmp") as f:
+        names, values = [line.split() for line in f if line.startswith("Ip:")][:2]
+    return int(values[names.index("OutRequests")])
+
+def blocked(s, msg):
+    # While BROKEN nothing of the connection may leave: no echo, and not one IPv4 packet
+    # from alice while the data waits (nothing else of alice's talks in that time).
+    before = ip_out()
+    ok = exchange(s, msg, 2)
+    return [ok, ip_out() - before]
+
+def session():
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(VICI)
+    return vici.Session(c)
+
+s = socket.create_connection((BOB, 5000), timeout=10)
+h = lat.latch(s)
+lport = s.getsockname()[1]
+r["start"] = [h.state.value, exchange(s, b"a" * 500, 5)]
+
+# The SPD changed to let this flow out in clear.
+bypass = ["src", ME, "dst", BOB, "proto", "tcp", "sport", str(lport), "dir", "out"]
+subprocess.run(["ip", "xfrm", "policy", "add", *bypass, "priority", "1"], check=True)
+r["bypass"] = until(h, "BROKEN") + blocked(s, b"b" * 500)
+subprocess.run(["ip", "xfrm", "policy", "delete", *bypass], check=True)
+r["bypass_undone"] = until(h, "ESTABLISHED") + [exchange(s, b"", 15)]
+
+# The IKE_SA deleted, nothing re-established.
+list(session().terminate({"ike": CONN, "timeout": 10000}))
+r["ike_deleted"] = until(h, "BROKEN") + blocked(s, b"c" * 500)
+list(session().initiate({"ike": CONN, "child": CHILD, "timeout": 10000}))
+r["reestablished"] = until(h, "ESTABLISHED", 15) + [exchange(s, b"", 15)]
+
+# charon killed: identities cannot be read any more -> not verified, never ESTABLISHED.
+with open(os.path.join(os.path.dirname(VICI), "charon.pid")) as f:
+    os.kill(int(f.read()), signal.SIGKILL)
+r["charon_killed"] = until(h, "BROKEN") + blocked(s, b"d" * 500)
+lat.poll(0.5)
+r["still"] = [h.state.value, h.latch.cause.value]
+lat.release(h)
+s.close()
+print(json.dumps(r))
+"""
+
+
+def test_latch_faults_break_and_nothing_leaks(lab):
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-m", "ipsecchan.lab.echo", "serve", bob,
+                               "5000"])
+    lab.run("bob", ["sleep", "0.5"])
+    r = json.loads(lab.python("alice", FAULTS, bob, lab.vici_socket("alice"), link.conn,
+                              link.child, check=True, timeout=150).text)
+    server.stop()
+    assert r["start"] == ["ESTABLISHED", True]
+    # [state, cause, seconds to notice, echo came back, IPv4 packets alice sent while broken]
+    assert r["bypass"][:2] == ["BROKEN", "cleartext"] and r["bypass"][3:] == [False, 0]
+    assert r["bypass_undone"][0] == "ESTABLISHED" and r["bypass_undone"][3] is True
+    # charon removes the CHILD_SA's policies with its SAs: the flow would go in clear.
+    assert r["ike_deleted"][:2] == ["BROKEN", "cleartext"] and r["ike_deleted"][3:] == [False, 0]
+    assert r["reestablished"][0] == "ESTABLISHED" and r["reestablished"][3] is True
+    assert r["charon_killed"][:2] == ["BROKEN", "not-verified"]
+    assert r["charon_killed"][3:] == [False, 0]
+    assert r["still"] == ["BROKEN", "not-verified"]

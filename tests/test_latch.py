@@ -201,6 +201,16 @@ def test_required_peer_accepted():
     assert latch.params.peer == BOB and latch.params.protected
 
 
+def test_newcomer_on_the_outbound_sa_is_named_before_any_disagreement():
+    """bob's old SAs still accepted inbound, mallory's now outbound: peer-changed, not a
+    vaguer sas-disagree."""
+    latch = established()
+    seen = Observation(True, "protected", "protected", (sa(0x700, peer=MALLORY),),
+                       (sa(0x200, dst="10.0.0.1"), sa(0x701, peer=MALLORY, dst="10.0.0.1")))
+    out = latch.observe(seen)
+    assert latch.cause is Cause.PEER_CHANGED and out[1] == Block(Cause.PEER_CHANGED)
+
+
 def test_sa_replaced_between_lookup_and_latch():
     """The race: bob's SA is replaced by mallory's after the first look and before the
     socket is pinned. The confirmation sees it: refused, never latched to mallory."""

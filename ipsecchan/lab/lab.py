@@ -11,11 +11,13 @@ and is removed by close(), which then checks that nothing is left.
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
 import itertools
 import re
 import secrets
 import signal
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -122,6 +124,79 @@ class IkeLink:
     family: int
     a_id: str
     b_id: str
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One captured frame, as far as the lab looks into it (IPv4/IPv6 over Ethernet)."""
+
+    time: float
+    src: str
+    dst: str
+    proto: int              # IP protocol number: 6 TCP, 17 UDP, 50 ESP, ...
+    sport: int | None = None
+    dport: int | None = None
+    spi: int | None = None  # ESP (and ESP in UDP 4500)
+    length: int = 0
+
+
+def parse_pcap(data: bytes) -> list[Packet]:
+    """Packets of a classic pcap file (Ethernet link type), IP headers and the first bytes
+    of TCP, UDP and ESP; anything else (ARP, truncated frames) is left out."""
+    if len(data) < 24:
+        return []
+    magic = data[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        end = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        end = ">"
+    else:
+        raise LabError("not a pcap file")
+    frac = 1e-9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1e-6
+    if struct.unpack(end + "I", data[20:24])[0] != 1:
+        raise LabError("pcap link type is not Ethernet")
+    out, off = [], 24
+    while off + 16 <= len(data):
+        sec, sub, caplen, origlen = struct.unpack(end + "IIII", data[off:off + 16])
+        frame = data[off + 16:off + 16 + caplen]
+        off += 16 + caplen
+        if len(frame) < 14:
+            continue
+        etype, ip = struct.unpack("!H", frame[12:14])[0], frame[14:]
+        if etype == 0x0800 and len(ip) >= 20:
+            hl, proto = (ip[0] & 0xF) * 4, ip[9]
+            src, dst, l4 = (str(ipaddress.IPv4Address(ip[12:16])),
+                            str(ipaddress.IPv4Address(ip[16:20])), ip[hl:])
+        elif etype == 0x86DD and len(ip) >= 40:
+            proto = ip[6]
+            src, dst, l4 = (str(ipaddress.IPv6Address(ip[8:24])),
+                            str(ipaddress.IPv6Address(ip[24:40])), ip[40:])
+        else:
+            continue
+        sport = dport = spi = None
+        if proto in (6, 17) and len(l4) >= 4:
+            sport, dport = struct.unpack("!HH", l4[:4])
+            if proto == 17 and 4500 in (sport, dport) and len(l4) >= 12 and l4[8:12] != b"\0" * 4:
+                spi = struct.unpack("!I", l4[8:12])[0]      # ESP in UDP (not a NAT-T keepalive)
+        elif proto == 50 and len(l4) >= 4:
+            spi = struct.unpack("!I", l4[:4])[0]
+        out.append(Packet(sec + sub * frac, src, dst, proto, sport, dport, spi, origlen))
+    return out
+
+
+class Capture:
+    """tcpdump on a lab host's interface, writing a pcap file in the lab's tmpfs."""
+
+    def __init__(self, lab: "Lab", host: str, proc: Process, path: str):
+        self._lab, self.host, self.proc, self.path = lab, host, proc, path
+        self.packets: list[Packet] | None = None
+
+    def stop(self) -> list[Packet]:
+        """Stop tcpdump (it flushes on SIGINT) and return the packets it saw."""
+        if self.packets is None:
+            self.proc.stop(signal.SIGINT)
+            self.packets = parse_pcap(self._lab.kernel.call("read_file", path=self.path))
+        return self.packets
 
 
 @dataclass(frozen=True)
@@ -387,6 +462,78 @@ class Lab:
                     out.append({**child, "ike": ike["name"], "local-id": ike.get("local-id"),
                                 "remote-id": ike.get("remote-id")})
         return out
+
+    # -- another peer at a known peer's address ---------------------------------------------
+    def accept_peer(self, link: IkeLink, peer: str) -> IkeLink:
+        """Let link.a accept a second identity at link.b's address: `peer`, with its own key
+        and certificate (or raw key), as a multi-peer or leap-of-faith configuration would.
+
+        link.a gets a second connection for the same address pair that pins peer's
+        credential; `peer` gets its mirror, with link.b's address as its local address.
+        Nothing is initiated: move the address to `peer` first (del_address / add_address),
+        then lab.initiate(the returned link), which runs from `peer`."""
+        ha, hb, hp = self.host(link.a), self.host(link.b), self.host(peer)
+        if hp is ha or hp is hb:
+            raise LabError("the other peer must be a third host")
+        if link.auth not in ("cert", "rpk"):
+            raise LabError(f"accept_peer needs keys (cert or rpk), not {link.auth!r}")
+        conn = f"{link.conn}-{peer}"
+        self.start_charon(peer)
+        ids = {me.name: self._put_credentials(me, link.auth, other)[0]
+               for me, other in ((ha, hp), (hp, ha))}
+        suffix = ".crt" if link.auth == "cert" else ".pub"
+        mine = copy.deepcopy(ha.connections[link.conn])
+        mine["remote"] = swan.auth_section(link.auth, ids[peer], peer + suffix)
+        ha.connections[conn] = mine
+        theirs = copy.deepcopy(hb.connections[link.conn])
+        theirs["local"] = swan.auth_section(link.auth, ids[peer], peer + suffix)
+        hp.connections[conn] = theirs
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(self.load_swanctl, (link.a, peer)))
+        return IkeLink(peer, link.a, conn, link.child, link.auth, link.family, ids[peer],
+                       ids[link.a])
+
+    def _prefixlen(self, addr: str) -> int:
+        a = ipaddress.ip_address(addr)
+        if a not in NET4 and a not in NET6:
+            raise LabError(f"{addr} lies in neither {NET4} nor {NET6}")
+        return NET4.prefixlen if a.version == 4 else NET6.prefixlen
+
+    def del_address(self, name: str, addr: str) -> None:
+        """Take an address off host's eth0 (the Host record keeps its own addresses)."""
+        self._batch(self.host(name).netns, [f"addr del {addr}/{self._prefixlen(addr)} dev eth0"])
+
+    def add_address(self, name: str, addr: str) -> None:
+        """Put an address on host's eth0, and forget the host's neighbours, so that its next
+        packet to a peer starts with an ARP request (or neighbour solicitation), which
+        tells that peer the address's new link-layer address. (Moving an IPv6 address to
+        another host this way is not yet working: the peer never heard the new host.)"""
+        extra = " nodad" if ipaddress.ip_address(addr).version == 6 else ""
+        self._batch(self.host(name).netns, [
+            f"addr add {addr}/{self._prefixlen(addr)} dev eth0{extra}",
+            "neigh flush dev eth0"])
+
+    def capture(self, name: str, iface: str = "eth0", timeout: float = 10) -> Capture:
+        """Start tcpdump on host's interface (every frame, first 128 bytes); Capture.stop()
+        returns the packets."""
+        host = self.host(name)
+        self.kernel.call("write_file", path=f"{host.dir}/.keep", data=b"")
+        rel = f"{host.dir}/capture-{len(self.procs)}.pcap"
+        path = f"{self.kernel.state_dir}/{rel}"
+        proc = self.spawn(name, ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-s",
+                                 "128", "-Z", "root", "-w", path])
+        deadline = time.monotonic() + timeout
+        while True:
+            out = proc.output()
+            if b"listening on" in out.stderr:
+                return Capture(self, name, proc, rel)
+            if out.rc is not None or time.monotonic() > deadline:
+                proc.stop(signal.SIGKILL)
+                why = ("tcpdump is not installed (apt-get install tcpdump)" if out.rc == 127
+                       or b"No such file" in out.stderr else
+                       f"tcpdump did not start: {out.stderr.decode(errors='replace').strip()}")
+                raise LabError(f"capture on {name}: {why}")
+            time.sleep(0.05)
 
     # -- manual keying ----------------------------------------------------------------------
     def static_sa(self, a: str, b: str, *, family: int = 4) -> StaticLink:

@@ -228,6 +228,22 @@ def evaluate(obs: Observation, req: Requirements
     return LatchParams(True, local, peer, prot, reqids, obs.out_sas, obs.in_sas), None, ""
 
 
+def _judge(obs: Observation, latched: LatchParams, req: Requirements
+           ) -> tuple[LatchParams | None, Cause | None, str]:
+    """An observation against a latch: new parameters (None if it offers none) and the cause
+    that keeps them from carrying the connection (None if nothing does). A known other peer on
+    the outbound SAs is named as such, before any disagreement among the SAs: while the old
+    peer's SAs linger, the kernel already sends through the newcomer's."""
+    if latched.protected and obs.verified and obs.out_sas:
+        peer = obs.out_sas[0].peer
+        if peer is not None and not peer.same_as(latched.peer):
+            return None, Cause.PEER_CHANGED, f"{peer.id!r} instead of {latched.peer.id!r}"
+    params, cause, detail = evaluate(obs, req)
+    if params is not None:
+        cause, detail = conflict(params, latched, req)
+    return params, cause, detail
+
+
 def conflict(now: LatchParams, latched: LatchParams, req: Requirements
              ) -> tuple[Cause | None, str]:
     """Why `now` may not carry a connection latched to `latched` (None: it may)."""
@@ -318,9 +334,7 @@ class Latch:
             raise LatchProtocolError("confirm before begin")
         if obs.pending:
             raise LatchProtocolError("confirm: wait until the observation is not pending")
-        params, cause, detail = evaluate(obs, self.requirements)
-        if params is not None:
-            cause, detail = conflict(params, self.params, self.requirements)
+        params, cause, detail = _judge(obs, self.params, self.requirements)
         if params is None or cause is not None:
             self._move(LatchState.CLOSED, cause, detail)
             raise LatchRefused(cause, "changed while latching" + (f": {detail}" if detail
@@ -335,10 +349,8 @@ class Latch:
     def _observe_established(self, obs: Observation) -> list[Effect]:
         if obs.pending:
             return []       # the pin holds the connection on its SAs meanwhile
-        params, cause, detail = evaluate(obs, self.requirements)
-        if params is not None:
-            cause, detail = conflict(params, self.params, self.requirements)
-        elif not self.params.protected:
+        params, cause, detail = _judge(obs, self.params, self.requirements)
+        if params is None and not self.params.protected:
             return []           # latched to cleartext, knowingly: nothing to break
         if cause is not None:
             return [self._move(LatchState.BROKEN, cause, detail), Block(cause)]
@@ -353,9 +365,7 @@ class Latch:
     def _observe_broken(self, obs: Observation) -> list[Effect]:
         if obs.pending:
             return []
-        params, cause, detail = evaluate(obs, self.requirements)
-        if params is not None:
-            cause, detail = conflict(params, self.params, self.requirements)
+        params, cause, detail = _judge(obs, self.params, self.requirements)
         if cause is not None:
             self.cause, self.detail = cause, detail     # still broken, maybe for a new reason
             return []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from functools import lru_cache
 from typing import Iterable, Mapping
 
 from ipsecchan._native import ffi, lib
@@ -47,10 +46,30 @@ class IndexFormatError(ValueError):
                          f"{_ERRORS.get(code, f'error {code}')} ({applied} applied before it)")
 
 
-@lru_cache(maxsize=1 << 16)
+_ADDRS: dict[str, bytes] = {}
+_C_LOOKUP = lib.ipsecchan_xidx_lookup_flow
+# Lookup is a frozen dataclass with slots: its __init__ sets each field through
+# object.__setattr__; setting the slots directly builds the same object for less.
+_new = object.__new__
+_set_flow = Lookup.__dict__["flow"].__set__
+_set_out = Lookup.__dict__["out"].__set__
+_set_in = Lookup.__dict__["inbound"].__set__
+_pr_direction, _pr_verdict, _pr_policy, _pr_per_socket, _pr_sas, _pr_cleartext = (
+    PathResult.__dict__[f].__set__ for f in ("direction", "verdict", "policy", "per_socket",
+                                             "sas", "cleartext_accepted"))
+_IN_BLOCK = lib.IPSECCHAN_XIDX_DEFAULT_IN_BLOCK
+_OUT_BLOCK = lib.IPSECCHAN_XIDX_DEFAULT_OUT_BLOCK
+
+
 def _addr16(text: str) -> bytes:
-    """An address as lookup._addr_int reads it, as 16 big-endian bytes."""
-    return int(ipaddress.ip_address(text)).to_bytes(16, "big") if text else bytes(16)
+    """An address as lookup._addr_int reads it, as 16 big-endian bytes (cached)."""
+    b = _ADDRS.get(text)
+    if b is None:
+        b = int(ipaddress.ip_address(text)).to_bytes(16, "big") if text else bytes(16)
+        if len(_ADDRS) >= 1 << 16:
+            _ADDRS.clear()
+        _ADDRS[text] = b
+    return b
 
 
 class Index:
@@ -68,8 +87,12 @@ class Index:
         self._pol_cache: dict[int, Policy] = {}
         self._sock_cache: dict[Policy, bytes] = {}
         self._paths: dict = {}
+        # Answers without per-socket policies, keyed by their words as bytes.
+        self._answers: dict[bytes, tuple[PathResult, PathResult]] = {}
+        self._limit = 4096
         self._cap = 256
         self._out = ffi.new("uint64_t[]", self._cap)
+        self._outbuf = ffi.buffer(self._out)
         self._len = ffi.new("size_t *")
         self._bad = ffi.new("size_t *")
         self._applied = ffi.new("int64_t *")
@@ -111,6 +134,7 @@ class Index:
     def clear(self) -> None:
         lib.ipsecchan_xidx_clear(self._x)
         self._paths.clear()
+        self._answers.clear()
         self._sa_cache.clear()
         self._pol_cache.clear()
 
@@ -169,6 +193,56 @@ class Index:
 
     def lookup(self, flow: Flow, socket_policies: Mapping[str, Policy] | None = None
                ) -> Lookup:
+        if socket_policies:
+            return self._lookup_sock(flow, socket_policies)
+        # The common case, kept short: one C call, then the answer's words (handles name
+        # immutable records) as the key of the cached pair of paths.
+        local, remote = flow.local, flow.remote
+        la = _ADDRS.get(local) or _addr16(local)
+        ra = _ADDRS.get(remote) or _addr16(remote)
+        defaults = (_IN_BLOCK if self.default_in == "block" else 0) \
+            | (_OUT_BLOCK if self.default_out == "block" else 0)
+        n = _C_LOOKUP(self._x, flow.family, flow.proto, la, flow.local_port, ra,
+                      flow.remote_port, flow.mark, flow.ifindex, flow.if_id, defaults,
+                      self._out, self._cap)
+        if n < 0 or n > self._cap:
+            return self._lookup_sock(flow, None)
+        key = self._outbuf[:n * 8]
+        pair = self._answers.get(key)
+        if pair is None:
+            pair = self._pair(key, n)
+        res = _new(Lookup)
+        _set_flow(res, flow)
+        _set_out(res, pair[0])
+        _set_in(res, pair[1])
+        return res
+
+    def _pair(self, key: bytes, n: int) -> tuple[PathResult, PathResult]:
+        """The paths of an answer (key: its words as bytes) not seen before as a whole."""
+        if len(self._answers) > self._limit:
+            # Stale handles accumulate: bound the caches by the index's size.
+            self._limit = 4 * len(self) + 4096
+            if len(self._answers) > self._limit:
+                self._answers.clear()
+        v = ffi.unpack(self._out, n)
+        k = 4 + v[3]
+        pair = self._answers[key] = (self._mkpath("out", v[:k]), self._mkpath("in", v[k:]))
+        return pair
+
+    def _mkpath(self, direction: str, words: list[int]) -> PathResult:
+        verdict, ph, flags = words[0], words[1], words[2]
+        res = _new(PathResult)
+        _pr_direction(res, direction)
+        _pr_verdict(res, _VERDICTS[verdict])
+        _pr_policy(res, self._policy(ph) if ph else None)
+        _pr_per_socket(res, bool(flags & 1))
+        sa = self._sa
+        _pr_sas(res, tuple([sa(h) for h in words[4:]]))
+        _pr_cleartext(res, bool(flags & 2))
+        return res
+
+    def _lookup_sock(self, flow: Flow, socket_policies: Mapping[str, Policy] | None
+                     ) -> Lookup:
         so = si = None
         so_raw = si_raw = ffi.NULL
         so_len = si_len = 0
@@ -191,6 +265,7 @@ class Index:
                 break
             self._cap = max(n, 2 * self._cap)
             self._out = ffi.new("uint64_t[]", self._cap)
+            self._outbuf = ffi.buffer(self._out)
         v = ffi.unpack(self._out, n)
         k = 4 + v[3]
         # A path is named by its answer words (handles name immutable records): cache it.
