@@ -31,6 +31,10 @@ JSON (`--json`): an array, one object per socket, with these keys:
                  "partial"     one direction protected, or IN also accepts cleartext
                  "no-sa"       a policy requires IPsec but no SA satisfies it (yet)
                  "blocked"     a policy (or the default policy) drops the flow
+      identity   who is behind the OUT SA, as the IKE daemon (--vici) says; null with no SA
+                 or --no-ike: {"state": verified|unknown|unavailable, "source", "reason",
+                 "local", "peer": null | {"id", "auth", "pubkey_sha256"}}. unknown: the
+                 daemon has no such SA (e.g. manually keyed); unavailable: it cannot be asked
       out, in    {"verdict": protected|bypass|block|no-policy|no-sa,
                   "policy": null | {"dir", "index", "priority", "action"},
                   "sas": [SA...]}   OUT: the SA per template in use; IN: the SAs accepted;
@@ -281,8 +285,12 @@ def read_kernel_view():
     """(index, number of per-socket policies) from a fresh SAD/SPD dump. Raises XfrmError
     (EPERM without CAP_NET_ADMIN): never a partial or empty view in place of the real one."""
     from ipsecchan.xfrm import dump_policies, dump_sas
+    from ipsecchan.xfrm.netlink_xfrm import get_default_policy
     sas, policies = dump_sas(), dump_policies()
-    return make_index(sas, policies), sum(1 for p in policies if p.per_socket)
+    index = make_index(sas, policies)
+    # A flow no policy matches is dropped, not sent in clear, where the default is block.
+    index.default_in, index.default_out = get_default_policy()
+    return index, sum(1 for p in policies if p.per_socket)
 
 
 def flow_of(sock: Sock):
@@ -343,9 +351,23 @@ def status_of(lookup) -> str:
     return "partial"
 
 
-def ipsec_dict(lookup) -> dict:
+def identity_dict(sa, identities) -> dict | None:
+    """Who is behind the SA, as the IKE daemon says (None: no source asked)."""
+    if identities is None or sa is None:
+        return None
+    ans = identities.identify(sa)
+    d = {"state": ans.state.value, "source": ans.source, "reason": ans.reason or None}
+    for end in ("local", "peer"):
+        who = getattr(ans, end)
+        d[end] = None if who is None else {"id": who.id, "auth": who.auth,
+                                           "pubkey_sha256": who.pubkey_sha256}
+    return d
+
+
+def ipsec_dict(lookup, identities=None) -> dict:
     out, inb = lookup.out, lookup.inbound
     return {"status": status_of(lookup),
+            "identity": identity_dict(out.sas[0] if out.sas else None, identities),
             "out": {"verdict": out.verdict, "policy": _policy_dict(out.policy),
                     "sas": [sa_dict(s) for s in out.sas]},
             "in": {"verdict": inb.verdict, "policy": _policy_dict(inb.policy),
@@ -353,13 +375,13 @@ def ipsec_dict(lookup) -> dict:
                    "cleartext_accepted": inb.cleartext_accepted}}
 
 
-def sock_dict(sock: Sock, index) -> dict:
+def sock_dict(sock: Sock, index, identities=None) -> dict:
     flow = flow_of(sock)
     return {"proto": sock.proto, "family": sock.family, "state": sock.state,
             "local": sock.local, "local_port": sock.local_port, "peer": sock.peer,
             "peer_port": sock.peer_port, "inode": sock.inode, "uid": sock.uid,
             "mark": sock.mark, "users": sock.users,
-            "ipsec": None if flow is None else ipsec_dict(index.lookup(flow))}
+            "ipsec": None if flow is None else ipsec_dict(index.lookup(flow), identities)}
 
 
 # ---- selection ----
@@ -448,7 +470,7 @@ def table_row(r: dict, numeric: bool) -> list[str]:
            _hostport(r["peer"], r["peer_port"], r["family"], True, numeric, r["proto"])]
     v = r["ipsec"]
     if v is None:
-        row += ["-"] * 6
+        row += ["-"] * 7
     else:
         out, inb = v["out"], v["in"]
         out_txt = _spis(out["sas"]) if out["sas"] else out["verdict"]
@@ -458,13 +480,23 @@ def table_row(r: dict, numeric: bool) -> list[str]:
         sas = out["sas"] or inb["sas"]
         modes = ",".join(dict.fromkeys(s["mode"] for s in sas)) or "-"
         algs = ",".join(dict.fromkeys(a["text"] for s in sas for a in s["algorithms"])) or "-"
-        row += [v["status"], out_txt, in_txt, modes, algs, _policy_text(v)]
+        row += [v["status"], _peer_text(v.get("identity")), out_txt, in_txt, modes, algs,
+                _policy_text(v)]
     row.append(f"users:({users})" if users else "")
     return row
 
 
-HEADER = ["Netid", "State", "Local Address:Port", "Peer Address:Port", "IPsec", "Out-SA",
-          "In-SA", "Mode", "Algorithms", "Policy", "Process"]
+HEADER = ["Netid", "State", "Local Address:Port", "Peer Address:Port", "IPsec", "Peer-ID",
+          "Out-SA", "In-SA", "Mode", "Algorithms", "Policy", "Process"]
+
+
+def _peer_text(ident: dict | None) -> str:
+    if ident is None:
+        return "-"
+    if ident["state"] != "verified":
+        return ident["state"]          # unknown / unavailable: never a guess
+    peer = ident["peer"]
+    return peer["id"] + (" (key)" if peer["pubkey_sha256"] else f" ({peer['auth']})")
 
 
 def format_table(rows: list[dict], numeric: bool = False) -> str:
@@ -478,7 +510,8 @@ def format_table(rows: list[dict], numeric: bool = False) -> str:
 
 EPILOG = f"""\
 Columns: IPsec is protected | unprotected | partial | no-sa | blocked (meanings under
---json below). Out-SA is the SA (proto:SPI) outbound packets take, In-SA the SAs accepted
+--json below). Peer-ID is the IKE identity behind the outbound SA ("(key)" when a public key
+authenticated it), or unknown / unavailable. Out-SA is the SA (proto:SPI) outbound packets take, In-SA the SAs accepted
 inbound (",clear" when cleartext is accepted too); when there is none, the verdict: no-policy,
 bypass, block or no-sa. Algorithms: NAME:KEY[+SALT][/ICV] in bits, e.g.
 rfc4106(gcm(aes)):256+32/128. Policy: DIR#INDEX(PRIORITY) of the main-SPD policy applied in
@@ -516,6 +549,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("-a", "--all", action="store_true", help="sockets in every state")
     p.add_argument("-n", "--numeric", action="store_true", help="do not name ports")
     p.add_argument("--json", action="store_true", help="a JSON array, one object per socket")
+    p.add_argument("--vici", metavar="PATH", default="/var/run/charon.vici",
+                   help="strongSwan's VICI socket, for the peer identities (Peer-ID)")
+    p.add_argument("--no-ike", action="store_true", help="do not ask the IKE daemon")
     p.add_argument("--sport", type=_port, help="local port")
     p.add_argument("--dport", type=_port, help="peer port")
     p.add_argument("--src", type=_net, metavar="ADDR[/PLEN]", help="local address in")
@@ -536,7 +572,15 @@ def collect(opts, index=None) -> list[dict]:
     if index is None:
         index, _n = read_kernel_view()
     socks = list_sockets(protos, families, states_for(opts))
-    return select([sock_dict(s, index) for s in socks], opts)
+    identities = None
+    if not getattr(opts, "no_ike", True):
+        from ipsecchan.ike.strongswan import StrongSwanSource
+        identities = StrongSwanSource(opts.vici, follow=False)
+    try:
+        return select([sock_dict(s, index, identities) for s in socks], opts)
+    finally:
+        if identities is not None:
+            identities.close()
 
 
 def run(opts) -> int:

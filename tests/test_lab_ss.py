@@ -59,13 +59,18 @@ def test_ss_shows_the_child_sa_of_each_connection(lab, family):
     child = lab.child_sas("alice", link.conn)[0]
     spi_out, spi_in = int(child["spi-out"], 16), int(child["spi-in"], 16)
 
-    r = _ss(lab, "--json")
+    vici = ("--vici", lab.vici_socket("alice"))
+    r = _ss(lab, "--json", *vici)
     rows = json.loads(r.text)
     (b,) = [x for x in rows if x["proto"] == "tcp" and x["local_port"] == to_bob]
     assert (b["state"], b["peer"], b["peer_port"], b["family"]) == ("ESTAB", bob, 5000, family)
     assert [(x["pid"], x["fd"]) for x in b["users"]] == [(pid, fd)]
     v = b["ipsec"]
     assert v["status"] == "protected"
+    ident = v["identity"]
+    assert ident["state"] == "verified" and ident["peer"]["id"] == link.b_id
+    assert ident["local"]["id"] == link.a_id and ident["peer"]["auth"] == "pubkey"
+    assert len(ident["peer"]["pubkey_sha256"]) == 64
     assert [s["spi"] for s in v["out"]["sas"]] == [spi_out]
     assert [s["spi"] for s in v["in"]["sas"]] == [spi_in]
     assert v["out"]["sas"][0]["spi_hex"] == f"0x{spi_out:08x}"
@@ -86,11 +91,10 @@ def test_ss_shows_the_child_sa_of_each_connection(lab, family):
     assert c["ipsec"]["out"]["sas"] == [] and c["ipsec"]["in"]["cleartext_accepted"]
     assert not [x for x in rows if x["state"] == "LISTEN"]       # like ss: no listeners
 
-    table = _ss(lab, "-n").text
-    print(table)
+    table = _ss(lab, "-n", *vici).text
     (line_b,) = [ln for ln in table.splitlines() if f":{to_bob} " in ln and "tcp" in ln]
     assert f"esp:0x{spi_out:08x}" in line_b and f"esp:0x{spi_in:08x}" in line_b
-    assert " protected " in line_b
+    assert " protected " in line_b and f" {link.b_id} (key) " in line_b
     (line_c,) = [ln for ln in table.splitlines() if f":{to_carol} " in ln]
     assert " unprotected " in line_c and "no-policy" in line_c
 

@@ -151,7 +151,9 @@ def test_protected_join_json_and_table(conn, capsys, monkeypatch):
                         "inode", "uid", "mark", "users", "ipsec"}
     assert (row["peer_port"], row["users"][0]["pid"]) == (lport, os.getpid())
     v = row["ipsec"]
-    assert set(v) == {"status", "out", "in"} and v["status"] == "protected"
+    assert set(v) == {"status", "identity", "out", "in"} and v["status"] == "protected"
+    # No IKE daemon on this host: the identity is unavailable, never guessed.
+    assert v["identity"]["state"] == "unavailable" and v["identity"]["peer"] is None
     assert v["out"]["policy"] == {"dir": "out", "index": 9, "priority": 100, "action": "allow"}
     (osa,) = v["out"]["sas"]
     assert osa == {"spi": 0xC0FFEE01, "spi_hex": "0xc0ffee01", "proto": "esp",
@@ -168,7 +170,7 @@ def test_protected_join_json_and_table(conn, capsys, monkeypatch):
     assert table[0].split()[:4] == ["Netid", "State", "Local", "Address:Port"]
     mine = [line for line in table if line.split()[2] == f"{LOOP}:{cport}"]
     assert len(mine) == 1
-    for text in ("tcp", "ESTAB", f"{LOOP}:{lport}", "protected", "esp:0xc0ffee01",
+    for text in ("tcp", "ESTAB", f"{LOOP}:{lport}", "protected", "unavailable", "esp:0xc0ffee01",
                  "transport", "rfc4106(gcm(aes)):256+32/128", "out#9(100),in#16(100)",
                  f'users:(("{row["users"][0]["name"]}",pid={os.getpid()},fd={c.fileno()})'):
         assert text in mine[0]
