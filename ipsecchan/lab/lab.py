@@ -344,6 +344,7 @@ class Lab:
             ok = self.kernel.call("wait_socket", rpc_timeout=CHARON_START_TIMEOUT + 10,
                                   path=self.vici_socket(host.name),
                                   timeout=CHARON_START_TIMEOUT, handle=host.charon.handle)
+            ok = ok and self._charon_running(host)
             if not ok:
                 out = host.charon.output()
                 log = self.charon_log(host.name)
@@ -354,6 +355,18 @@ class Lab:
                 raise LabError(f"charon on {host.name} {how}\n"
                                f"--- output ---\n{(out.stdout + out.stderr).decode(errors='replace')}"
                                f"--- log ---\n{log}")
+
+    def _charon_running(self, host: Host) -> bool:
+        """The VICI socket appears while plugins load, before charon knows whether it can
+        run at all: wait for its worker threads (or its exit)."""
+        deadline = time.monotonic() + CHARON_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if "spawning" in self.charon_log(host.name):
+                return host.charon.running()
+            if not host.charon.running():
+                return False
+            time.sleep(0.02)
+        return False
 
     def charon_log(self, name: str, lines: int = 60) -> str:
         try:
