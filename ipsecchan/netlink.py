@@ -5,12 +5,16 @@ no length field is trusted.
 """
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import struct
 from dataclasses import dataclass
 
 from ipsecchan._native import ffi, lib
 
 __all__ = ["NetlinkFormatError", "NetlinkMessage", "Attribute", "split_messages",
-           "split_attributes"]
+           "split_attributes", "dump"]
 
 _ERRORS = {
     lib.IPSECCHAN_NL_ETRUNC: "truncated header",
@@ -74,3 +78,50 @@ def split_attributes(data) -> list[Attribute]:
     return [Attribute(s.type, bool(s.flags & 0x8000), bool(s.flags & 0x4000),
                       view[s.offset:s.offset + s.len])
             for s in (spans[i] for i in range(n))]
+
+
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+DUMP_RECV_BUFFER = 1 << 20
+DUMP_RETRIES = 5
+
+
+def dump(protocol: int, msg_type: int, request: bytes, expect: int,
+         error: type[OSError] = OSError, what: str = "netlink") -> list[bytes]:
+    """The payloads of every `expect` message a netlink dump answers, read whole or not at
+    all: an error (in NLMSG_ERROR, or in NLMSG_DONE for a dump that fails part-way) raises
+    `error(errno, text)`, and a dump the kernel marks interrupted (NLM_F_DUMP_INTR: the table
+    changed under it) is taken again, up to DUMP_RETRIES times."""
+    seq = 1
+    for _attempt in range(DUMP_RETRIES):
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as s:
+            s.bind((0, 0))
+            s.send(struct.pack("=IHHII", 16 + len(request), msg_type,
+                               NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
+            payloads, interrupted, done = [], False, False
+            while not done:
+                data = s.recv(DUMP_RECV_BUFFER)
+                if not data:
+                    raise error(errno.EIO, f"{what} socket closed during a dump")
+                for m in split_messages(data):
+                    if m.seq != seq:
+                        continue
+                    interrupted |= bool(m.flags & NLM_F_DUMP_INTR)
+                    if m.type in (NLMSG_DONE, NLMSG_ERROR):
+                        code = (-struct.unpack_from("=i", m.payload)[0]
+                                if len(m.payload) >= 4
+                                else (0 if m.type == NLMSG_DONE else errno.EIO))
+                        if code:
+                            raise error(code, f"{what} dump: {os.strerror(code)}")
+                        if m.type == NLMSG_DONE:
+                            done = True
+                            break
+                    elif m.type == expect:
+                        payloads.append(bytes(m.payload))
+        if not interrupted:
+            return payloads
+        seq += 1
+    raise error(errno.EAGAIN, f"{what} dump interrupted {DUMP_RETRIES} times in a row")

@@ -63,14 +63,7 @@ from dataclasses import dataclass, field
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLM_F_DUMP_INTR = 0x10
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 INET_DIAG_MARK = 15
-DUMP_RETRIES = 5
-RECV_BUFFER = 1 << 20
 
 # struct inet_diag_msg: family, state, timer, retrans, then struct inet_diag_sockid (sport,
 # dport big-endian; src, dst 16 bytes each; if; cookie[2]), expires, rqueue, wqueue, uid, inode.
@@ -134,47 +127,21 @@ def _addr(family: int, raw: bytes) -> str:
 
 
 def _diag_dump(family: int, proto: int, states: int) -> list[tuple]:
-    """(inet_diag_msg fields, mark) of every socket of one family and protocol."""
-    from ipsecchan.netlink import split_attributes, split_messages   # native: load on use
+    """(inet_diag_msg fields, mark) of every socket of one family and protocol. A dump that
+    fails part-way (e.g. ENOENT: no udp_diag module) raises SockDiagError."""
+    from ipsecchan.netlink import dump, split_attributes   # native: load on use
     req = struct.pack("=BBBxI", family, proto, 0, states) + bytes(48)
-    seq = 1
-    for _attempt in range(DUMP_RETRIES):
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
-            s.bind((0, 0))
-            s.send(struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY,
-                               NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
-            out, interrupted, done = [], False, False
-            while not done:
-                data = s.recv(RECV_BUFFER)
-                if not data:
-                    raise SockDiagError(errno.EIO, "sock_diag socket closed during a dump")
-                for m in split_messages(data):
-                    if m.seq != seq:
-                        continue
-                    interrupted |= bool(m.flags & NLM_F_DUMP_INTR)
-                    if m.type in (NLMSG_DONE, NLMSG_ERROR):
-                        # A dump that fails part-way (e.g. ENOENT: no udp_diag module) ends
-                        # with the negative errno in NLMSG_DONE's payload, not an NLMSG_ERROR.
-                        code = -struct.unpack_from("=i", m.payload)[0] \
-                            if len(m.payload) >= 4 else (0 if m.type == NLMSG_DONE else errno.EIO)
-                        if code:
-                            raise SockDiagError(code, f"sock_diag dump: {os.strerror(code)}")
-                        if m.type == NLMSG_DONE:
-                            done = True
-                            break
-                        continue
-                    if m.type != SOCK_DIAG_BY_FAMILY or len(m.payload) < _DIAG_MSG.size:
-                        continue
-                    fields = _DIAG_MSG.unpack_from(m.payload)
-                    mark = None
-                    for a in split_attributes(m.payload[_DIAG_MSG.size:]):
-                        if a.type == INET_DIAG_MARK and len(a.value) >= 4:
-                            mark = int.from_bytes(a.value[:4], sys.byteorder)
-                    out.append((fields, mark))
-        if not interrupted:
-            return out
-        seq += 1
-    raise SockDiagError(errno.EAGAIN, f"sock_diag dump interrupted {DUMP_RETRIES} times")
+    out = []
+    for payload in dump(NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, req, SOCK_DIAG_BY_FAMILY,
+                        SockDiagError, "sock_diag"):
+        if len(payload) < _DIAG_MSG.size:
+            continue
+        mark = None
+        for a in split_attributes(payload[_DIAG_MSG.size:]):
+            if a.type == INET_DIAG_MARK and len(a.value) >= 4:
+                mark = int.from_bytes(a.value[:4], sys.byteorder)
+        out.append((_DIAG_MSG.unpack_from(payload), mark))
+    return out
 
 
 def _from_diag(proto: str, family: int, fields: tuple, mark: int | None) -> Sock:

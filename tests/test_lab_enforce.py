@@ -32,27 +32,10 @@ def observe(s):
 def out_packets(spi):
     return next(sa.packets for sa in dump_sas() if sa.spi == spi)
 
-sent = received = 0
-def exchange(s, msg, wait):
-    # Send, then read the echo of everything sent so far (data held back while blocked
-    # comes back once the connection flows again).
-    global sent, received
-    if msg:
-        s.sendall(msg)
-        sent += len(msg)
-    end = time.monotonic() + wait
-    while received < sent and time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            chunk = s.recv(65536)
-        except socket.timeout:
-            break
-        if not chunk:
-            break
-        received += len(chunk)
-    return received == sent
+from ipsecchan.lab.echo import EchoStream
 
 s = socket.create_connection((BOB, 5000), timeout=10)
+stream = EchoStream(s)
 latch = Latch.connector()
 apply_all(s, latch.begin(observe(s)))
 r["confirm"] = [a.new.value for a in apply_all(s, latch.confirm(observe(s)))]
@@ -61,25 +44,25 @@ mine = [p for p in dump_policies() if p.per_socket and p.templates
         and p.templates[0].spi == spi]
 r["pinned"] = [(p.dir, p.templates[0].reqid) for p in mine]
 before = out_packets(spi)
-r["one"] = exchange(s, b"one" * 100, 5)
+r["one"] = stream.exchange(b"one" * 100, 5)
 r["one_moved"] = out_packets(spi) > before
 
 # BROKEN (here: the truth cannot be read) -> blocked both ways.
 r["broken"] = [(a.new.value, a.cause.value) for a in
                apply_all(s, latch.observe(Observation(False, reason="test")))]
 before = out_packets(spi)
-r["blocked_echo"] = exchange(s, b"two" * 100, 2)
+r["blocked_echo"] = stream.exchange(b"two" * 100, 2)
 r["blocked_moved"] = out_packets(spi) - before
 
 # Resolved: the same SA pair is back in view -> pinned again, the held data flows.
 r["resolved"] = [a.new.value for a in apply_all(s, latch.observe(observe(s)))]
-r["after_resolve"] = exchange(s, b"", 15)
+r["after_resolve"] = stream.exchange(b"", 15)
 
 # The SPD is flushed: an unpinned socket now sends its SYN in clear (bob drops it), the
 # pinned connection keeps to its SA.
 subprocess.run(["ip", "xfrm", "policy", "flush"], check=True)
 before = out_packets(spi)
-r["after_flush"] = exchange(s, b"three" * 100, 5)
+r["after_flush"] = stream.exchange(b"three" * 100, 5)
 r["flush_moved"] = out_packets(spi) > before
 try:
     socket.create_connection((BOB, 5001), timeout=2).close()

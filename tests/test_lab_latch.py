@@ -27,31 +27,16 @@ def until(handle, pred, wait=10):
         lat.poll(0.1)
     return pred(handle)
 
-sent = received = 0
-def exchange(s, msg, wait):
-    global sent, received
-    if msg:
-        s.sendall(msg)
-        sent += len(msg)
-    end = time.monotonic() + wait
-    while received < sent and time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            chunk = s.recv(65536)
-        except socket.timeout:
-            break
-        if not chunk:
-            break
-        received += len(chunk)
-    return received == sent
+from ipsecchan.lab.echo import EchoStream
 
 s = socket.create_connection((BOB, 5000), timeout=10)
+stream = EchoStream(s)
 h = lat.latch(s)
 p = h.latch.params
 r["latched"] = [h.state.value, p.local.id, p.peer.id, p.peer.auth, p.peer.pubkey_sha256,
                 [x.key[3] for x in p.out_sas], [x.key[3] for x in p.in_sas],
                 p.protection[0].describe()]
-r["one"] = exchange(s, b"one" * 200, 5)
+r["one"] = stream.exchange(b"one" * 200, 5)
 
 def session():
     c = socket.socket(socket.AF_UNIX)
@@ -62,17 +47,17 @@ old = [x.key[3] for x in p.out_sas]
 session().rekey({"child": CHILD})
 r["rekeyed"] = until(h, lambda h: [x.key[3] for x in h.latch.params.out_sas] != old)
 r["after_rekey"] = [h.state.value, [a.rekeyed for a in h.alerts],
-                    h.latch.params.peer.id, exchange(s, b"two" * 200, 5)]
+                    h.latch.params.peer.id, stream.exchange(b"two" * 200, 5)]
 
 subprocess.run(["ip", "xfrm", "state", "flush"], check=True)
 r["flushed"] = until(h, lambda h: h.state.value == "BROKEN")
-r["broken"] = [h.state.value, h.latch.cause.value, exchange(s, b"three" * 200, 2)]
+r["broken"] = [h.state.value, h.latch.cause.value, stream.exchange(b"three" * 200, 2)]
 
 # bob re-establishes: a fresh IKE_SA (charon still holds the flushed CHILD_SA otherwise).
 list(session().terminate({"ike": CONN, "timeout": 10000}))
 list(session().initiate({"ike": CONN, "child": CHILD, "timeout": 10000}))
 r["resolved"] = until(h, lambda h: h.state.value == "ESTABLISHED", 15)
-r["after_resolve"] = [h.latch.params.peer.id, exchange(s, b"", 15)]
+r["after_resolve"] = [h.latch.params.peer.id, stream.exchange(b"", 15)]
 
 lat.release(h)
 r["released"] = [pol.dir for pol in dump_policies() if pol.per_socket and pol.templates]
@@ -141,23 +126,7 @@ def until(h, state, wait=10):
     return [h.state.value, h.latch.cause.value if h.latch.cause else None,
             round(time.monotonic() - t0, 2)]
 
-sent = received = 0
-def exchange(s, msg, wait):
-    global sent, received
-    if msg:
-        s.sendall(msg)
-        sent += len(msg)
-    end = time.monotonic() + wait
-    while received < sent and time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            chunk = s.recv(65536)
-        except socket.timeout:
-            break
-        if not chunk:
-            break
-        received += len(chunk)
-    return received == sent
+from ipsecchan.lab.echo import EchoStream
 
 def ip_out():
     # IPv4 packets this namespace handed to the link layer (clear or ESP): the kernel counts
@@ -170,7 +139,7 @@ def blocked(s, msg):
     # While BROKEN nothing of the connection may leave: no echo, and not one IPv4 packet
     # from alice while the data waits (nothing else of alice's talks in that time).
     before = ip_out()
-    ok = exchange(s, msg, 2)
+    ok = stream.exchange(msg, 2)
     return [ok, ip_out() - before]
 
 def session():
@@ -179,22 +148,23 @@ def session():
     return vici.Session(c)
 
 s = socket.create_connection((BOB, 5000), timeout=10)
+stream = EchoStream(s)
 h = lat.latch(s)
 lport = s.getsockname()[1]
-r["start"] = [h.state.value, exchange(s, b"a" * 500, 5)]
+r["start"] = [h.state.value, stream.exchange(b"a" * 500, 5)]
 
 # The SPD changed to let this flow out in clear.
 bypass = ["src", ME, "dst", BOB, "proto", "tcp", "sport", str(lport), "dir", "out"]
 subprocess.run(["ip", "xfrm", "policy", "add", *bypass, "priority", "1"], check=True)
 r["bypass"] = until(h, "BROKEN") + blocked(s, b"b" * 500)
 subprocess.run(["ip", "xfrm", "policy", "delete", *bypass], check=True)
-r["bypass_undone"] = until(h, "ESTABLISHED") + [exchange(s, b"", 15)]
+r["bypass_undone"] = until(h, "ESTABLISHED") + [stream.exchange(b"", 15)]
 
 # The IKE_SA deleted, nothing re-established.
 list(session().terminate({"ike": CONN, "timeout": 10000}))
 r["ike_deleted"] = until(h, "BROKEN") + blocked(s, b"c" * 500)
 list(session().initiate({"ike": CONN, "child": CHILD, "timeout": 10000}))
-r["reestablished"] = until(h, "ESTABLISHED", 15) + [exchange(s, b"", 15)]
+r["reestablished"] = until(h, "ESTABLISHED", 15) + [stream.exchange(b"", 15)]
 
 # charon killed: identities cannot be read any more -> not verified, never ESTABLISHED.
 with open(os.path.join(os.path.dirname(VICI), "charon.pid")) as f:

@@ -151,6 +151,15 @@ def test_established_observes(name, seen, state, cause, effects):
         assert latch.params.peer == BOB          # the latched identity never moves
 
 
+def test_old_inbound_sa_leaving_after_a_rekey_is_silent():
+    latch = established()
+    both_in = Observation(True, "protected", "protected", (sa(0x101),),
+                          (sa(0x200, dst="10.0.0.1"), sa(0x201, dst="10.0.0.1")))
+    assert [type(e) for e in latch.observe(both_in)] == [Alert, Pin]     # the rekey
+    assert latch.observe(obs(0x101, 0x201)) == []                        # old inbound gone
+    assert latch.params.sa_keys()[1] == ((socket.AF_INET, "10.0.0.1", "esp", 0x201),)
+
+
 def test_broken_resolves_when_the_latched_parameters_return():
     latch = broken()
     assert latch.observe(obs(peer=MALLORY)) == []          # still broken

@@ -53,6 +53,32 @@ def client(addr: str, port: int, count: int) -> None:
     print(f"{count} round trips of {len(msg)} bytes checked", flush=True)
 
 
+class EchoStream:
+    """A client's side of a connection to `serve`: what it sent and what came back, so that
+    data held back (a latch BROKEN) is counted when it finally returns."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.sent, self.received = sock, 0, 0
+
+    def exchange(self, msg: bytes, wait: float) -> bool:
+        """Send msg (may be empty), then read echoes for up to `wait` seconds; True once
+        everything sent so far has come back."""
+        if msg:
+            self.sock.sendall(msg)
+            self.sent += len(msg)
+        end = time.monotonic() + wait
+        while self.received < self.sent and time.monotonic() < end:
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            self.received += len(chunk)
+        return self.received == self.sent
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "serve":
         serve(argv[1], int(argv[2]))

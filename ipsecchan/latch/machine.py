@@ -354,13 +354,19 @@ class Latch:
             return []           # latched to cleartext, knowingly: nothing to break
         if cause is not None:
             return [self._move(LatchState.BROKEN, cause, detail), Block(cause)]
-        if params.sa_keys() != self.params.sa_keys() and self.params.protected:
-            # A rekey: the same identities and protection on new SAs. The pin moves to them.
-            self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas,
-                                  reqids=params.reqids)
-            return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
-                    Pin(self.params)]
-        return []
+        if not self.params.protected or params.sa_keys() == self.params.sa_keys():
+            return []
+        moved = (params.sa_keys()[0], params.reqids) != (self.params.sa_keys()[0],
+                                                        self.params.reqids)
+        self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas,
+                              reqids=params.reqids)
+        if not moved:
+            # Only the set of accepted inbound SAs changed (a rekey's old inbound SA gone):
+            # the IN pin (by reqid) stands, nothing to tell.
+            return []
+        # A rekey: the same identities and protection on new SAs. The pin moves to them.
+        return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
+                Pin(self.params)]
 
     def _observe_broken(self, obs: Observation) -> list[Effect]:
         if obs.pending:

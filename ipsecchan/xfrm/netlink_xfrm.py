@@ -13,17 +13,13 @@ import socket
 import struct
 
 from ipsecchan._native import ffi, lib
+from ipsecchan import netlink
 from ipsecchan.netlink import split_messages
 from ipsecchan.xfrm.messages import Policy, SA, decode_policy, decode_sa
 
 NETLINK_XFRM = 6
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLM_F_DUMP_INTR = 0x10
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-RECV_BUFFER = 1 << 20
-DUMP_RETRIES = 5
+NLM_F_REQUEST, NLMSG_ERROR, RECV_BUFFER = (netlink.NLM_F_REQUEST, netlink.NLMSG_ERROR,
+                                           netlink.DUMP_RECV_BUFFER)
 
 
 class XfrmError(OSError):
@@ -32,39 +28,7 @@ class XfrmError(OSError):
 
 def _dump(msg_type: int, request_payload: bytes, expect: int) -> list[bytes]:
     """The payloads of every `expect` message of a dump, read whole or not at all."""
-    seq = 1
-    for _attempt in range(DUMP_RETRIES):
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM) as s:
-            s.bind((0, 0))
-            s.send(struct.pack("=IHHII", 16 + len(request_payload), msg_type,
-                               NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request_payload)
-            payloads, interrupted, done = [], False, False
-            while not done:
-                data = s.recv(RECV_BUFFER)
-                if not data:
-                    raise XfrmError(errno.EIO, "XFRM netlink socket closed during a dump")
-                for m in split_messages(data):
-                    if m.seq != seq:
-                        continue
-                    interrupted |= bool(m.flags & NLM_F_DUMP_INTR)
-                    if m.type == NLMSG_DONE:
-                        # A dump that fails part-way says so here, not in an NLMSG_ERROR.
-                        if len(m.payload) >= 4 and struct.unpack_from("=i", m.payload)[0] < 0:
-                            code = -struct.unpack_from("=i", m.payload)[0]
-                            raise XfrmError(code, f"XFRM dump failed: {os.strerror(code)}")
-                        done = True
-                        break
-                    if m.type == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", m.payload)[0] if len(m.payload) >= 4 \
-                            else errno.EIO
-                        if code:
-                            raise XfrmError(code, f"XFRM dump: {os.strerror(code)}")
-                    elif m.type == expect:
-                        payloads.append(bytes(m.payload))
-        if not interrupted:      # the tables changed under the dump: take it again
-            return payloads
-        seq += 1
-    raise XfrmError(errno.EAGAIN, f"XFRM dump interrupted {DUMP_RETRIES} times in a row")
+    return netlink.dump(NETLINK_XFRM, msg_type, request_payload, expect, XfrmError, "XFRM")
 
 
 def dump_sas() -> list[SA]:
