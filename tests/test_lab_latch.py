@@ -199,3 +199,74 @@ def test_latch_faults_break_and_nothing_leaks(lab):
     assert r["charon_killed"][:2] == ["BROKEN", "not-verified"]
     assert r["charon_killed"][3:] == [False, 0]
     assert r["still"] == ["BROKEN", "not-verified"]
+
+
+MANY = r"""
+import json, resource, socket, sys, time
+from ipsecchan.ike.strongswan import StrongSwanSource
+from ipsecchan.latch.engine import Latcher
+from ipsecchan.xfrm import dump_policies
+
+BOB, VICI, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+src = StrongSwanSource(VICI)
+end = time.monotonic() + 10
+while not src.connected and time.monotonic() < end:
+    time.sleep(0.05)
+lat = Latcher(src)
+r = {}
+
+def ours():
+    # Per-socket policies with templates: the latches' pins (charon's own are template-less).
+    return sum(1 for p in dump_policies() if p.per_socket and p.templates)
+
+# A connected UDP socket latches like a TCP connection (RFC 5660 5.2).
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect((BOB, 7000))
+hu = lat.latch(u)
+r["udp"] = [hu.state.value, hu.flow.proto, hu.latch.params.peer.id,
+            [x.key[3] for x in hu.latch.params.out_sas]]
+lat.release(hu)
+u.close()
+
+t0 = time.monotonic()
+socks = [socket.create_connection((BOB, 5000)) for _ in range(N)]
+handles = [lat.latch(s) for s in socks]
+r["latched"] = [sum(h.state.value == "ESTABLISHED" for h in handles), ours()]
+# Release, then close: a closed TCP socket's policies live on with the kernel's socket
+# (FIN_WAIT, until the peer closes too), so closing a latched socket must release first.
+for h, s in zip(handles, socks):
+    lat.release(h)
+    s.close()
+r["after_close"] = ours()
+r["seconds"] = round(time.monotonic() - t0, 1)
+print(json.dumps(r))
+"""
+
+HOLDER = r"""
+import resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5000))
+s.listen(2048)
+held = []
+while True:
+    held.append(s.accept()[0])
+"""
+
+
+def test_udp_latch_and_a_thousand_connections_leave_no_policy(lab):
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-c", HOLDER, bob])
+    lab.run("bob", ["sleep", "0.5"])
+    child = lab.child_sas("alice", link.conn)[0]
+    r = json.loads(lab.python("alice", MANY, bob, lab.vici_socket("alice"), "1000",
+                              check=True, timeout=300).text)
+    server.stop()
+    assert r["udp"] == ["ESTABLISHED", 17, link.b_id, [int(child["spi-out"], 16)]]
+    assert r["latched"] == [1000, 2000]        # an IN and an OUT pin per connection
+    assert r["after_close"] == 0
