@@ -270,3 +270,91 @@ def test_udp_latch_and_a_thousand_connections_leave_no_policy(lab):
     assert r["udp"] == ["ESTABLISHED", 17, link.b_id, [int(child["spi-out"], 16)]]
     assert r["latched"] == [1000, 2000]        # an IN and an OUT pin per connection
     assert r["after_close"] == 0
+
+
+UNDER_TRAFFIC = r"""
+import hashlib, json, os, socket, sys, time
+import vici
+from ipsecchan.ike.strongswan import StrongSwanSource
+from ipsecchan.latch.engine import Latcher
+
+BOB, VICI, CONN, CHILD = sys.argv[1:5]
+src = StrongSwanSource(VICI)
+end = time.monotonic() + 10
+while not src.connected and time.monotonic() < end:
+    time.sleep(0.05)
+lat = Latcher(src)
+s = socket.create_connection((BOB, 5000), timeout=10)
+h = lat.latch(s)
+s.setblocking(False)
+sent, got = hashlib.sha256(), hashlib.sha256()
+n_sent = n_got = 0
+
+def pump(seconds):
+    # Keep data flowing both ways while the latch follows events.
+    global n_sent, n_got
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        chunk = os.urandom(1024)
+        try:
+            k = s.send(chunk)
+            sent.update(chunk[:k])
+            n_sent += k
+        except BlockingIOError:
+            pass
+        lat.poll(0.01)
+        while True:
+            try:
+                data = s.recv(65536)
+            except BlockingIOError:
+                break
+            got.update(data)
+            n_got += len(data)
+
+def session():
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(VICI)
+    return vici.Session(c)
+
+rekeys = []
+for i in range(4):
+    if i % 2 == 0:
+        session().rekey({"child": CHILD})
+    else:
+        session().rekey({"ike": CONN})
+    rekeys.append("child" if i % 2 == 0 else "ike")
+    pump(2.0)
+end = time.monotonic() + 15          # drain: everything sent comes back
+while n_got < n_sent and time.monotonic() < end:
+    lat.poll(0.01)
+    try:
+        data = s.recv(65536)
+        got.update(data)
+        n_got += len(data)
+    except BlockingIOError:
+        time.sleep(0.01)
+print(json.dumps({"rekeys": rekeys, "state": h.state.value,
+                  "alerts": [[a.new.value, a.rekeyed] for a in h.alerts],
+                  "bytes": [n_sent, n_got], "same": sent.digest() == got.digest(),
+                  "peer": h.latch.params.peer.id}))
+lat.release(h)
+"""
+
+
+def test_rekeys_under_traffic_keep_the_latch_and_every_byte(lab):
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-m", "ipsecchan.lab.echo", "serve", bob,
+                               "5000"])
+    lab.run("bob", ["sleep", "0.5"])
+    r = json.loads(lab.python("alice", UNDER_TRAFFIC, bob, lab.vici_socket("alice"),
+                              link.conn, link.child, check=True, timeout=120).text)
+    server.stop()
+    assert r["state"] == "ESTABLISHED" and r["peer"] == link.b_id
+    assert not [a for a in r["alerts"] if a[0] != "ESTABLISHED"], r["alerts"]
+    # Two CHILD_SA rekeys moved the pin; the IKE_SA rekeys left the SAs (and latch) alone.
+    assert sum(rekeyed for _state, rekeyed in r["alerts"]) == 2, r["alerts"]
+    n_sent, n_got = r["bytes"]
+    assert n_sent > 50_000 and n_got == n_sent and r["same"]
