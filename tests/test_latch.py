@@ -220,6 +220,17 @@ def test_newcomer_on_the_outbound_sa_is_named_before_any_disagreement():
     assert latch.cause is Cause.PEER_CHANGED and out[1] == Block(Cause.PEER_CHANGED)
 
 
+def test_newcomer_on_an_inbound_sa_only_is_named_too():
+    """The impostor's inbound SA lands first: bob's outbound still in use, but the kernel
+    would accept mallory's packets for the flow."""
+    latch = established()
+    seen = Observation(True, "protected", "protected", (sa(0x100),),
+                       (sa(0x200, dst="10.0.0.1"), sa(0x701, peer=MALLORY, dst="10.0.0.1")))
+    latch.observe(seen)
+    assert latch.state is LatchState.BROKEN and latch.cause is Cause.PEER_CHANGED
+    assert "CN=mallory" in latch.detail
+
+
 def test_sa_replaced_between_lookup_and_latch():
     """The race: bob's SA is replaced by mallory's after the first look and before the
     socket is pinned. The confirmation sees it: refused, never latched to mallory."""

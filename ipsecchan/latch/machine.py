@@ -232,12 +232,14 @@ def _judge(obs: Observation, latched: LatchParams, req: Requirements
            ) -> tuple[LatchParams | None, Cause | None, str]:
     """An observation against a latch: new parameters (None if it offers none) and the cause
     that keeps them from carrying the connection (None if nothing does). A known other peer on
-    the outbound SAs is named as such, before any disagreement among the SAs: while the old
-    peer's SAs linger, the kernel already sends through the newcomer's."""
-    if latched.protected and obs.verified and obs.out_sas:
-        peer = obs.out_sas[0].peer
-        if peer is not None and not peer.same_as(latched.peer):
-            return None, Cause.PEER_CHANGED, f"{peer.id!r} instead of {latched.peer.id!r}"
+    any SA of the flow is named as such, before any disagreement among the SAs: while the old
+    peer's SAs linger, the kernel already sends through, or accepts from, the newcomer's (a
+    daemon installs the inbound SA first)."""
+    if latched.protected and obs.verified:
+        for sa in obs.out_sas + obs.in_sas:
+            if sa.peer is not None and not sa.peer.same_as(latched.peer):
+                return None, Cause.PEER_CHANGED, f"{sa.peer.id!r} instead of " \
+                                                 f"{latched.peer.id!r}"
     params, cause, detail = evaluate(obs, req)
     if params is not None:
         cause, detail = conflict(params, latched, req)
