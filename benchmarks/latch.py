@@ -23,9 +23,7 @@ from ipsecchan.xfrm import Template, clear_socket_policies, set_socket_policy
 
 BOB, VICI, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 src = StrongSwanSource(VICI)
-end = time.monotonic() + 10
-while not src.connected and time.monotonic() < end:
-    time.sleep(0.05)
+src.wait_connected(10)
 lat = Latcher(src)
 
 def bare():

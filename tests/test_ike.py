@@ -242,6 +242,7 @@ def test_missing_socket_is_unavailable(tmp_path):
         ev = followed.next_event(5)
         assert ev.kind == "daemon-lost" and not followed.connected
         assert followed.identify(sa).state is State.UNAVAILABLE
+        assert followed.wait_connected(0.2) is False
 
 
 def test_garbage_daemon_is_unavailable(tmp_path):

@@ -16,9 +16,7 @@ from ipsecchan.xfrm import dump_policies
 BOB, VICI, CONN, CHILD = sys.argv[1:5]
 r = {}
 src = StrongSwanSource(VICI)
-end = time.monotonic() + 10
-while not src.connected and time.monotonic() < end:
-    time.sleep(0.05)
+src.wait_connected(10)
 lat = Latcher(src)
 
 def until(handle, pred, wait=10):
@@ -114,9 +112,7 @@ BOB, VICI, CONN, CHILD = sys.argv[1:5]
 ME = "10.0.0.1"
 r = {}
 src = StrongSwanSource(VICI)
-end = time.monotonic() + 10
-while not src.connected and time.monotonic() < end:
-    time.sleep(0.05)
+src.wait_connected(10)
 lat = Latcher(src)
 
 def until(h, state, wait=10):
@@ -210,9 +206,7 @@ from ipsecchan.xfrm import dump_policies
 BOB, VICI, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
 src = StrongSwanSource(VICI)
-end = time.monotonic() + 10
-while not src.connected and time.monotonic() < end:
-    time.sleep(0.05)
+src.wait_connected(10)
 lat = Latcher(src)
 r = {}
 
@@ -280,9 +274,7 @@ from ipsecchan.latch.engine import Latcher
 
 BOB, VICI, CONN, CHILD = sys.argv[1:5]
 src = StrongSwanSource(VICI)
-end = time.monotonic() + 10
-while not src.connected and time.monotonic() < end:
-    time.sleep(0.05)
+src.wait_connected(10)
 lat = Latcher(src)
 s = socket.create_connection((BOB, 5000), timeout=10)
 h = lat.latch(s)

@@ -405,6 +405,14 @@ class StrongSwanSource:
     def connected(self) -> bool:
         return self._connected
 
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        """Wait until the event session is registered (identify() answers UNAVAILABLE until
+        then); False if it is not within `timeout` seconds."""
+        end = time.monotonic() + timeout
+        while not self._connected and time.monotonic() < end:
+            time.sleep(0.05)
+        return self._connected
+
     def close(self) -> None:
         self._stop.set()
         s = self._listen_sock

@@ -387,9 +387,7 @@ def app(addr: str, port: int, vici_socket: str, cmd_dir: str) -> int:
         print(json.dumps({"n": n, **kw}), flush=True)
 
     src = StrongSwanSource(vici_socket)
-    end = time.monotonic() + 10
-    while not src.connected and time.monotonic() < end:
-        time.sleep(0.05)
+    src.wait_connected(10)
     lat = Latcher(src)
     end = time.monotonic() + 10
     while True:
