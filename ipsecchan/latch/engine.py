@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import itertools
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ipsecchan.ike.base import IdentitySource, SAIdentity, State
 from ipsecchan.latch.enforce import apply_all
-from ipsecchan.latch.machine import (Alert, Latch, LatchState, Observation, Party, Release,
-                                     Requirements, SAFacts)
+from ipsecchan.latch.machine import (Alert, Block, Cause, Latch, LatchRefused, LatchState,
+                                     Observation, Party, Policy, Release, Requirements,
+                                     SAFacts)
 from ipsecchan.latch.protection import Protection
 from ipsecchan.latch.registry import LatchRegistry
+from ipsecchan.xfrm import Template, set_socket_policy
 from ipsecchan.xfrm.lookup import Flow
 from ipsecchan.xfrm.messages import SA
 
@@ -33,15 +36,23 @@ _PROTOS = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPP
 IDENTITY_GRACE = 5.0
 
 
-def flow_of(sock: socket.socket) -> Flow:
-    """The connection's flow, read from the socket itself (never from a caller's word)."""
+def _proto(sock: socket.socket) -> int:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         raise ValueError("only IPv4 and IPv6 sockets latch")
     proto = _PROTOS.get(sock.type & 0xF)
     if proto is None:
         raise ValueError("only TCP and UDP sockets latch")
+    return proto
+
+
+def flow_of(sock: socket.socket, mark: int | None = None) -> Flow:
+    """The connection's flow, read from the socket itself (never from a caller's word).
+    `mark`: the socket's SO_MARK when the caller knows it already (an accepted socket has its
+    listener's), saving a syscall."""
+    proto = _proto(sock)
     local, remote = sock.getsockname(), sock.getpeername()
-    mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+    if mark is None:
+        mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
     return Flow(sock.family, proto, local[0], local[1], remote[0], remote[1], mark=mark)
 
 
@@ -49,19 +60,42 @@ def _party(ident) -> Party | None:
     return None if ident is None else Party(ident.id, ident.pubkey_sha256, ident.auth)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LatchHandle:
-    """A latched socket: its flow, its latch, and who hears its alerts."""
+    """A latched socket: its flow (None for a listener), its latch, and who hears its
+    alerts. `listener`: the listener's handle id for an accepted connection."""
     id: int
     sock: socket.socket
-    flow: Flow
+    flow: Flow | None
     latch: Latch
     on_alert: Callable[["LatchHandle", Alert], None] | None = None
     alerts: list = field(default_factory=list)
+    listener: int | None = None
+    mark: int = 0
 
     @property
     def state(self) -> LatchState:
         return self.latch.state
+
+
+def listener_templates(policies, family: int) -> list[Template] | None:
+    """The IN pin of a listening socket, or None when none can be set.
+
+    A listener does not know its peers, so its pin cannot name an SA or a reqid; the kernel
+    clones it into every connection the listener accepts, so it guards the first SYN (or
+    datagram) before any latch exists. It can be one template (protocol and mode, any reqid)
+    only when every IN policy of the SPD that asks for IPsec asks for one kind of
+    transport-mode SA: tunnel templates name the tunnel's endpoints, which differ per peer.
+    Otherwise the SPD alone guards the first packets and the accepted connection is pinned as
+    soon as it is accepted."""
+    kinds = {(t.proto, t.mode) for p in policies if p.dir == "in" and p.action == "allow"
+             and p.selector.family in (0, family) for t in p.templates if not t.optional}
+    if len(kinds) != 1:
+        return None
+    proto, mode = kinds.pop()
+    if mode != "transport":
+        return None
+    return [Template(family, "", "", proto, 0, 0, mode, False)]
 
 
 class Latcher:
@@ -81,6 +115,12 @@ class Latcher:
         # strongSwan stops listing a rekeyed CHILD_SA while its inbound SA still lives a few
         # seconds (charon's delete_rekeyed_delay). Forgotten when the SA goes.
         self._verified: dict[tuple, tuple[Party | None, Party | None]] = {}
+        # Latching, polling and releasing may come from several threads (the socket API's
+        # event thread, the application's); one lock, never taken on the data path.
+        self.lock = threading.RLock()
+        # Called with (handle, alert) for every alert of every latch, after its owner: for
+        # `ipsecchan watch` and status queries. Must not block.
+        self.observers: list[Callable[[LatchHandle, Alert], None]] = []
 
     # -- observing --
     def _facts(self, sa: SA) -> tuple[SAFacts | None, SAIdentity]:
@@ -95,13 +135,16 @@ class Latcher:
                 ans = replace(ans, state=State.VERIFIED)
         return SAFacts(sa.key, sa.reqid, Protection.of(sa), local, peer, sa.src), ans
 
-    def observe(self, flow: Flow) -> Observation:
+    def observe(self, flow: Flow, fresh: bool = True) -> Observation:
         """The system's answer for a flow, now. Fails closed: any part that cannot be read
-        makes it unverified."""
-        try:
-            self._backlog += self.view.poll()
-        except OSError as exc:
-            return Observation(False, reason=f"XFRM notifications: {exc}")
+        makes it unverified. fresh=False skips reading pending XFRM notifications first (the
+        first look of a latch may: the confirming look after pinning reads them, and any
+        change it finds is judged against the first)."""
+        if fresh:
+            try:
+                self._backlog += self.view.poll()
+            except OSError as exc:
+                return Observation(False, reason=f"XFRM notifications: {exc}")
         res = self.view.index.lookup(flow)
         facts, pending, now = [], False, time.time()
         for sa in res.out.sas + res.inbound.sas:
@@ -114,47 +157,116 @@ class Latcher:
         return Observation(True, res.out.verdict, res.inbound.verdict, tuple(facts[:n]),
                            tuple(facts[n:]), res.inbound.cleartext_accepted, pending=pending)
 
-    def _settled(self, flow: Flow) -> Observation:
+    def _settled(self, flow: Flow, fresh: bool = True) -> Observation:
         """An observation that is not pending: wait for the identity source meanwhile."""
         end = time.monotonic() + IDENTITY_GRACE
-        while (obs := self.observe(flow)).pending and time.monotonic() < end:
+        while (obs := self.observe(flow, fresh)).pending and time.monotonic() < end:
             time.sleep(0.05)
+            fresh = True
         return obs if not obs.pending else replace(obs, pending=False)
 
     # -- latching --
     def latch(self, sock: socket.socket, requirements: Requirements = Requirements(),
-              on_alert: Callable[[LatchHandle, Alert], None] | None = None) -> LatchHandle:
+              on_alert: Callable[[LatchHandle, Alert], None] | None = None, *,
+              mark: int | None = None) -> LatchHandle:
         """Latch a connected socket, or raise LatchRefused (the socket is then released)."""
-        flow = flow_of(sock)
-        latch = Latch.connector(requirements)
+        flow = flow_of(sock, mark)
+        with self.lock:
+            latch = Latch.connector(requirements)
+            return self._establish(sock, flow, latch, lambda obs: latch.begin(obs), on_alert)
+
+    def listen(self, sock: socket.socket, requirements: Requirements = Requirements(),
+               on_alert: Callable[[LatchHandle, Alert], None] | None = None) -> LatchHandle:
+        """A LISTENER latch for a listening (or bound UDP) socket. With protection required
+        and a listener pin possible (listener_templates), the socket gets an IN policy that
+        the kernel clones into each accepted connection, so even the first SYN must come
+        through an SA; accept() then latches each connection."""
+        _proto(sock)
+        mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+        with self.lock:
+            if requirements.policy is Policy.REQUIRE:
+                self.poll_xfrm()
+                tmpls = listener_templates(self.view.index.policies(), sock.family)
+                if tmpls is not None:
+                    set_socket_policy(sock, "in", tmpls)
+            handle = LatchHandle(next(self._ids), sock, None, Latch.listener(requirements),
+                                 on_alert, mark=mark)
+            self.handles[handle.id] = handle
+            return handle
+
+    def accept(self, listener: LatchHandle, conn: socket.socket,
+               on_alert: Callable[[LatchHandle, Alert], None] | None = None) -> LatchHandle:
+        """Latch a connection `listener`'s socket accepted, or raise LatchRefused (the
+        connection is then blocked both ways: the caller should close it)."""
+        flow = flow_of(conn, listener.mark)
+        with self.lock:
+            holder: list[Latch] = []
+
+            def begin(obs):
+                child, effects = listener.latch.accept(obs)
+                holder.append(child)
+                return effects
+            try:
+                return self._establish(conn, flow, holder, begin, on_alert, listener.id)
+            except LatchRefused:
+                # The connection carries the listener's cloned pin, and perhaps traffic the
+                # latch refused: block it rather than leave it to the SPD.
+                apply_all(conn, [Block(Cause.NOT_VERIFIED)])
+                raise
+
+    def _establish(self, sock, flow, latch_or_holder, begin, on_alert, listener=None):
+        latch = None
         try:
-            apply_all(sock, latch.begin(self._settled(flow)))
+            effects = begin(self._settled(flow, fresh=False))
+            latch = latch_or_holder[0] if isinstance(latch_or_holder, list) else latch_or_holder
+            apply_all(sock, effects)
             alerts = apply_all(sock, latch.confirm(self._settled(flow)))
         except BaseException:
-            if latch.state is not LatchState.CLOSED:
+            if latch is not None and latch.state is not LatchState.CLOSED:
                 latch.close()
-            apply_all(sock, [Release()])
+            if listener is None:
+                apply_all(sock, [Release()])
             raise
-        handle = LatchHandle(next(self._ids), sock, flow, latch, on_alert)
+        handle = LatchHandle(next(self._ids), sock, flow, latch, on_alert, listener=listener)
         self.handles[handle.id] = handle
         self.registry.add(handle.id, flow, _keys(latch))
         self._deliver(handle, alerts)
         return handle
 
     def release(self, handle: LatchHandle) -> None:
-        self._pending.discard(handle.id)
-        self.registry.remove(handle.id)
-        self.handles.pop(handle.id, None)
-        if handle.latch.state is not LatchState.CLOSED:
-            self._deliver(handle, apply_all(handle.sock, handle.latch.close()))
+        """Close the latch and remove the socket's per-socket policies (before the socket is
+        closed: the kernel keeps a closed TCP socket, with its policies, until FIN_WAIT
+        ends)."""
+        with self.lock:
+            self._pending.discard(handle.id)
+            self.registry.remove(handle.id)
+            self.handles.pop(handle.id, None)
+            if handle.latch.state is not LatchState.CLOSED:
+                self._deliver(handle, apply_all(handle.sock, handle.latch.close()))
+
+    def latches(self) -> list[LatchHandle]:
+        """The live latches, listeners included (a copy: safe from any thread)."""
+        with self.lock:
+            return list(self.handles.values())
+
+    def poll_xfrm(self) -> None:
+        """Bring the kernel view up to date now (its events wait for the next poll())."""
+        self._backlog += self.view.poll()
 
     # -- following events --
     def poll(self, timeout: float = 0.0) -> list[tuple[LatchHandle, Alert]]:
         """Apply pending XFRM and IKE events to the latches they reach."""
+        if timeout and not self._backlog:
+            # Wait outside the lock, so that latching is not held up by an idle poller.
+            self.view.wait(timeout)
+        with self.lock:
+            return self._poll()
+
+    def _poll(self) -> list[tuple[LatchHandle, Alert]]:
         touched: set[int] = set()
         events, self._backlog = self._backlog, []
         try:
-            events += self.view.poll(0 if events else timeout)
+            events += self.view.poll(0)
         except OSError:
             touched = self.registry.ids()
         for ev in events:
@@ -173,7 +285,7 @@ class Latcher:
         out = []
         for hid in sorted(touched | self._pending):
             handle = self.handles.get(hid)
-            if handle is None:
+            if handle is None or handle.flow is None:
                 continue
             obs = self.observe(handle.flow)
             if obs.pending:
@@ -191,6 +303,8 @@ class Latcher:
             handle.alerts.append(a)
             if handle.on_alert is not None:
                 handle.on_alert(handle, a)
+            for obs in self.observers:
+                obs(handle, a)
 
     def close(self) -> None:
         for handle in list(self.handles.values()):

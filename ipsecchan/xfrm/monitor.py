@@ -95,9 +95,13 @@ class XfrmView:
                     raise
         self._load()
 
+    def wait(self, timeout: float) -> bool:
+        """Wait until a notification is queued (True) or the timeout passes (False)."""
+        return bool(select.select([self.monitor], [], [], timeout)[0])
+
     def poll(self, timeout: float = 0.0) -> list[XfrmEvent]:
         events: list[XfrmEvent] = []
-        if timeout and not select.select([self.monitor], [], [], timeout)[0]:
+        if timeout and not self.wait(timeout):
             return events
         while True:
             try:
