@@ -1,0 +1,660 @@
+"""A drop-in `socket` module whose connections are IPsec channels (RFC 5660 latching).
+
+    from ipsecchan import socket           # instead of: import socket
+
+Everything of the standard library's socket module is here unchanged, except the `socket`
+class (and the functions that make sockets: create_connection, create_server, fromfd,
+socketpair), which latch: connect() and connect_ex() latch the connection to the IPsec SAs
+that carry it, listen() makes a LISTENER latch (whose kernel pin guards even the first SYN)
+and accept() returns latched connections. Non-IP sockets, loopback peers and sockets with
+policy IPSEC_POLICY_BYPASS are left alone.
+
+    s = socket.create_connection(("10.0.0.2", 5000))
+    s.getpeerid()                                   # 'CN=bob'
+    s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_PEER_ID, 256)        # b'CN=bob'
+    s.get_channel_binding("ipsec-endpoint")         # RFC 5056 bindings (ipsecchan.channel)
+    s.latch.state, s.latch.protection               # 'ESTABLISHED', (Protection(...),)
+
+A connection that cannot be latched (no IPsec under the default policy, an unverifiable
+peer, not the peer IPSEC_REQUIRE_PEER_ID names) fails in connect() with LatchRefused, before
+any application byte is sent; the connection is blocked in the kernel and should be closed.
+An accepted connection that cannot be latched is closed and never returned by accept().
+
+When a latch breaks (another peer behind the address, weaker protection, cleartext, the IKE
+daemon gone), the kernel blocks the connection's packets, registered callbacks are called,
+and the next send or receive raises LatchBrokenError; when the latch is restored, traffic and
+calls work again. Healthy sockets pay nothing per call: the raising methods are put on the
+socket object only while it is broken. (A call already blocked in recv() stays blocked: no
+packet of the connection arrives while it is broken.)
+
+The default policy is IPSEC_POLICY_REQUIRE; setdefaultpolicy() or the environment variable
+IPSECCHAN_POLICY (require, optional, bypass) change it. install() makes the standard
+library's socket module hand out these sockets, for code that cannot change its import
+(socketserver, http.server, asyncio).
+"""
+from __future__ import annotations
+
+import errno as _errno
+import ipaddress as _ipaddress
+import logging as _logging
+import os as _os
+import socket as _std
+import _socket as _csocket
+from socket import *  # noqa: F401,F403  (the drop-in: every name of the stdlib module)
+from socket import (AF_INET, AF_INET6, IPPROTO_IPV6, IPV6_V6ONLY, SO_LINGER, SO_REUSEADDR,
+                    SOCK_DGRAM, SOCK_STREAM, SOL_SOCKET, error, getaddrinfo, getdefaulttimeout,
+                    has_dualstack_ipv6, has_ipv6)
+
+from ipsecchan import runtime as _runtime
+from ipsecchan import sockopt as _opt
+from ipsecchan.channel import CB_ENDPOINT, CHANNEL_BINDING_TYPES, endpoint_binding
+from ipsecchan.latch.machine import LatchRefused, LatchState, Policy, Requirements
+from ipsecchan.sockopt import (IPSEC_CHANNEL_BINDING, IPSEC_LATCH_BROKEN, IPSEC_LATCH_CAUSE,
+                               IPSEC_LATCH_CLOSED, IPSEC_LATCH_ESTABLISHED,
+                               IPSEC_LATCH_LATCHING, IPSEC_LATCH_LISTENER, IPSEC_LATCH_NONE,
+                               IPSEC_LATCH_STATE, IPSEC_LOCAL_ID, IPSEC_PEER_ID,
+                               IPSEC_PEER_KEY, IPSEC_POLICY, IPSEC_POLICY_BYPASS,
+                               IPSEC_POLICY_OPTIONAL, IPSEC_POLICY_REQUIRE, IPSEC_PROTECTION,
+                               IPSEC_REQUIRE_PEER_ID, SOL_IPSEC, decode_protection)
+
+_log = _logging.getLogger("ipsecchan")
+
+__all__ = list(_std.__all__) + [
+    "SOL_IPSEC", "IPSEC_LATCH_STATE", "IPSEC_POLICY", "IPSEC_PEER_ID", "IPSEC_LOCAL_ID",
+    "IPSEC_PEER_KEY", "IPSEC_LATCH_CAUSE", "IPSEC_PROTECTION", "IPSEC_CHANNEL_BINDING",
+    "IPSEC_REQUIRE_PEER_ID", "IPSEC_POLICY_BYPASS", "IPSEC_POLICY_REQUIRE",
+    "IPSEC_POLICY_OPTIONAL", "IPSEC_LATCH_NONE", "IPSEC_LATCH_LISTENER",
+    "IPSEC_LATCH_LATCHING", "IPSEC_LATCH_ESTABLISHED", "IPSEC_LATCH_BROKEN",
+    "IPSEC_LATCH_CLOSED", "CHANNEL_BINDING_TYPES", "LatchRefused", "LatchBrokenError",
+    "LatchInfo", "decode_protection", "setdefaultpolicy", "getdefaultpolicy", "install",
+    "uninstall"]
+
+_POLICIES = {IPSEC_POLICY_BYPASS: None, IPSEC_POLICY_REQUIRE: Policy.REQUIRE,
+             IPSEC_POLICY_OPTIONAL: Policy.OPTIONAL}
+_DATA_METHODS = ("send", "sendall", "sendto", "sendmsg", "sendfile", "recv", "recv_into",
+                 "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into")
+
+
+class LatchBrokenError(ConnectionError):
+    """The connection's latch is BROKEN: its IPsec parameters no longer hold (`cause`). The
+    kernel holds its packets; the connection works again if the latch is restored."""
+
+    def __init__(self, cause: str, detail: str = ""):
+        super().__init__(_errno.ECONNABORTED,
+                         f"IPsec latch broken: {cause}" + (f" ({detail})" if detail else ""))
+        self.cause = cause
+        self.detail = detail
+
+
+def _policy_from_env() -> int:
+    name = _os.environ.get("IPSECCHAN_POLICY", "require").strip().lower()
+    if name not in _opt.POLICY_NAMES:
+        raise ValueError(f"IPSECCHAN_POLICY={name!r}: expected one of "
+                         f"{', '.join(_opt.POLICY_NAMES)}")
+    return _opt.POLICY_NAMES[name]
+
+
+_default_policy = _policy_from_env()
+
+
+def setdefaultpolicy(policy: int) -> None:
+    """The policy of sockets made from now on (IPSEC_POLICY_REQUIRE, _OPTIONAL, _BYPASS)."""
+    global _default_policy
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown IPsec policy {policy!r}")
+    _default_policy = policy
+
+
+def getdefaultpolicy() -> int:
+    return _default_policy
+
+
+class LatchInfo:
+    """A read-only view of a socket's latch (the `latch` attribute)."""
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    @property
+    def state(self) -> str:
+        return self._handle.latch.state.value
+
+    @property
+    def cause(self) -> str | None:
+        c = self._handle.latch.cause
+        return c.value if c is not None else None
+
+    @property
+    def detail(self) -> str:
+        return self._handle.latch.detail
+
+    @property
+    def params(self):
+        return self._handle.latch.params
+
+    @property
+    def protected(self) -> bool:
+        p = self.params
+        return bool(p and p.protected)
+
+    @property
+    def local(self):
+        p = self.params
+        return p.local if p else None
+
+    @property
+    def peer(self):
+        p = self.params
+        return p.peer if p else None
+
+    @property
+    def protection(self) -> tuple:
+        p = self.params
+        return p.protection if p else ()
+
+    @property
+    def spis(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        p = self.params
+        if p is None:
+            return (), ()
+        return tuple(s.key[3] for s in p.out_sas), tuple(s.key[3] for s in p.in_sas)
+
+    @property
+    def history(self) -> list:
+        return list(self._handle.latch.history)
+
+    def __repr__(self) -> str:
+        peer = self.peer.id if self.peer else None
+        return f"<LatchInfo {self.state} peer={peer!r} cause={self.cause!r}>"
+
+
+class _Ipsec:
+    """Per-socket latching state (kept apart from the socket's own attributes)."""
+    __slots__ = ("policy", "require_peer", "handle", "ref", "callbacks", "lazy", "binding",
+                 "refused")
+
+    def __init__(self, policy: int):
+        self.policy = policy
+        self.require_peer: str | None = None
+        self.handle = None
+        self.ref = None
+        self.callbacks: list = []
+        self.lazy = False           # a non-blocking connect in progress: latch on first use
+        self.binding: bytes | None | bool = False      # False: not computed yet
+        self.refused = False        # latching refused: the kernel blocks the connection
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        ip = _ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, _ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+class socket(_std.socket):
+    """socket.socket, latched. See the module's documentation."""
+
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        super().__init__(family, type, proto, fileno)
+        self._ipsec = _Ipsec(_default_policy)
+
+    # -- which sockets latch --
+    def _latchable(self) -> bool:
+        return (self.family in (AF_INET, AF_INET6)
+                and (self.type & 0xF) in (SOCK_STREAM, SOCK_DGRAM)
+                and self._ipsec.policy != IPSEC_POLICY_BYPASS)
+
+    def _requirements(self) -> Requirements:
+        return Requirements(_POLICIES[self._ipsec.policy], self._ipsec.require_peer)
+
+    # -- connecting --
+    def connect(self, address):
+        try:
+            super().connect(address)
+        except BlockingIOError:
+            self._arm_lazy()
+            raise
+        self._latch_connected()
+
+    def connect_ex(self, address):
+        rc = super().connect_ex(address)
+        if rc == 0:
+            try:
+                self._latch_connected()
+            except LatchRefused as exc:
+                return exc.errno or _errno.ECONNREFUSED
+        elif rc in (_errno.EINPROGRESS, _errno.EAGAIN, _errno.EALREADY):
+            self._arm_lazy()
+        return rc
+
+    def _latch_connected(self) -> None:
+        ips = self._ipsec
+        if not self._latchable() or ips.handle is not None:
+            return
+        if _is_loopback(self.getpeername()[0]):
+            return
+        rt = _runtime.get()
+        ref = _runtime.LatchedFd(self)
+        try:
+            handle = rt.latcher.latch(ref, self._requirements(), self._alert_callback())
+        except LatchRefused as exc:
+            # Nothing of the connection may go out: block it (the engine released its pin).
+            from ipsecchan.latch.enforce import apply
+            from ipsecchan.latch.machine import Block
+            apply(self, Block(exc.cause))
+            ips.refused = True
+            exc.errno = _errno.ECONNREFUSED
+            raise
+        ips.handle, ips.ref = handle, ref
+
+    def _arm_lazy(self) -> None:
+        # asyncio and other non-blocking callers never call connect() again: latch on the
+        # first data call (or option read) once connected. The wrappers then remove
+        # themselves, so the data path goes back to the plain methods.
+        if not self._latchable() or self._ipsec.lazy:
+            return
+        self._ipsec.lazy = True
+        for name in _DATA_METHODS:
+            setattr(self, name, self._lazy_method(name))
+
+    def _lazy_method(self, name: str):
+        def call(*args, **kw):
+            self._finish_lazy()
+            if self._ipsec.lazy:        # not connected yet: the plain method answers
+                return getattr(type(self), name)(self, *args, **kw)
+            return getattr(self, name)(*args, **kw)
+        return call
+
+    def _finish_lazy(self) -> None:
+        ips = self._ipsec
+        if not ips.lazy:
+            return
+        try:
+            self.getpeername()
+        except OSError:
+            return              # not connected (yet, or failed): the call will say so
+        ips.lazy = False
+        for name in _DATA_METHODS:
+            self.__dict__.pop(name, None)
+        self._latch_connected()
+
+    # -- listening and accepting --
+    def listen(self, *args):
+        super().listen(*args)
+        ips = self._ipsec
+        if self._latchable() and ips.handle is None and not _is_loopback(
+                self.getsockname()[0]):
+            ips.ref = _runtime.LatchedFd(self)
+            ips.handle = _runtime.get().latcher.listen(ips.ref, self._requirements(),
+                                                       self._alert_callback())
+
+    def accept(self):
+        while True:
+            fd, addr = self._accept()
+            sock = type(self)(self.family, self.type, self.proto, fileno=fd)
+            if getdefaulttimeout() is None and self.gettimeout():
+                sock.setblocking(True)
+            try:
+                sock._latch_accepted(self)
+            except LatchRefused as exc:
+                # Refused connections never reach the application (RFC 5660: a LISTENER
+                # latch admits only connections it can latch); the kernel blocks it already.
+                _log.warning("refused a connection from %s: %s", addr, exc)
+                sock._ipsec.refused = True
+                sock.close()
+                continue
+            return sock, addr
+
+    def _latch_accepted(self, listener: "socket") -> None:
+        lh = listener._ipsec.handle
+        ips = self._ipsec
+        ips.policy, ips.require_peer = listener._ipsec.policy, listener._ipsec.require_peer
+        if lh is None or not self._latchable() or _is_loopback(self.getpeername()[0]):
+            return
+        ref = _runtime.LatchedFd(self)
+        ips.handle = _runtime.get().latcher.accept(lh, ref, self._alert_callback())
+        ips.ref = ref
+
+    # -- closing --
+    def _release(self) -> None:
+        ips = self.__dict__.get("_ipsec")
+        if ips is None or ips.handle is None:
+            return
+        handle, ips.handle = ips.handle, None
+        try:
+            _runtime.get().latcher.release(handle)
+        except OSError as exc:
+            _log.warning("releasing a latch: %s", exc)
+
+    def _real_close(self, _ss=_csocket.socket):
+        # Release before the descriptor closes: a closed TCP socket lives on in the kernel
+        # (FIN_WAIT) with its per-socket policies until the peer closes too.
+        self._release()
+        ips = self.__dict__.get("_ipsec")
+        if ips is not None and ips.refused:
+            self._abort()
+        _ss.close(self)
+
+    def _abort(self) -> None:
+        # A refused connection is reset, not closed: a FIN would wait behind the block
+        # policy, retransmitted for minutes. The reset carries no application byte.
+        from ipsecchan.xfrm import clear_socket_policies
+        try:
+            if self.type & 0xF == SOCK_STREAM:
+                self.setsockopt(SOL_SOCKET, SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            clear_socket_policies(self)
+        except OSError:
+            pass
+
+    def detach(self):
+        ips = self._ipsec
+        if ips.ref is not None:
+            # Whoever takes the descriptor (ssl.wrap_socket) keeps the latch; this object
+            # must no longer release it when it is collected.
+            ips.ref.detached()
+            ips.handle = None
+        return super().detach()
+
+    def __del__(self):
+        try:
+            self._release()
+        except Exception:
+            pass
+        sup = getattr(super(), "__del__", None)
+        if sup is not None:
+            sup()
+
+    def dup(self):
+        sock = type(self)(self.family, self.type, self.proto, fileno=_std.dup(self.fileno()))
+        sock.settimeout(self.gettimeout())
+        sock._ipsec.policy = self._ipsec.policy
+        return sock
+
+    # -- break alerts --
+    def _alert_callback(self):
+        ref = __import__("weakref").ref(self)
+
+        def on_alert(handle, alert):
+            sock = ref()
+            if sock is not None:
+                sock._on_alert(handle, alert)
+        return on_alert
+
+    def _on_alert(self, handle, alert) -> None:
+        if alert.new is LatchState.BROKEN:
+            cause = alert.cause.value if alert.cause else "broken"
+            for name in _DATA_METHODS:
+                setattr(self, name, _raiser(cause, alert.detail))
+        elif alert.old is LatchState.BROKEN and alert.new is LatchState.ESTABLISHED:
+            for name in _DATA_METHODS:
+                self.__dict__.pop(name, None)
+        for cb in list(self._ipsec.callbacks):
+            try:
+                cb(self, LatchInfo(handle), alert)
+            except Exception:
+                _log.exception("latch callback failed")
+
+    def add_latch_callback(self, callback) -> None:
+        """callback(sock, latch_info, alert) on every latch alert (break, resolve, rekey).
+        Called from ipsecchan's event thread: it must not block."""
+        self._ipsec.callbacks.append(callback)
+
+    def remove_latch_callback(self, callback) -> None:
+        self._ipsec.callbacks.remove(callback)
+
+    # -- inquiry --
+    @property
+    def latch(self) -> LatchInfo | None:
+        """The connection's latch, or None when it is not latched."""
+        self._finish_lazy()
+        h = self._ipsec.handle
+        return LatchInfo(h) if h is not None else None
+
+    def _latched_params(self):
+        self._finish_lazy()
+        h = self._ipsec.handle
+        if h is None:
+            try:
+                self.getpeername()
+            except OSError:
+                raise _opt.oserror(_errno.ENOTCONN) from None
+            return None
+        return h.latch.params
+
+    def getpeerid(self) -> str | None:
+        """The peer's IKE identity (e.g. 'CN=bob'), or None when not latched to one."""
+        p = self._latched_params()
+        return p.peer.id if p is not None and p.peer is not None else None
+
+    def getlocalid(self) -> str | None:
+        p = self._latched_params()
+        return p.local.id if p is not None and p.local is not None else None
+
+    def get_channel_binding(self, cb_type: str = CB_ENDPOINT) -> bytes | None:
+        """Channel bindings of the latched IPsec channel (ipsecchan.channel), or None when
+        not available (not latched, or a key is unknown: PSK, manual keying)."""
+        if cb_type not in CHANNEL_BINDING_TYPES:
+            raise ValueError(f"{cb_type} channel binding type not implemented")
+        p = self._latched_params()
+        if p is None or not p.protected or p.peer is None or p.local is None:
+            return None
+        ips = self._ipsec
+        if ips.binding is False:
+            f = ips.handle.flow
+            ips.binding = endpoint_binding(f.family, f.proto, (f.local, f.local_port),
+                                           (f.remote, f.remote_port),
+                                           p.local.pubkey_sha256, p.peer.pubkey_sha256)
+        return ips.binding
+
+    # -- socket options --
+    def getsockopt(self, level, optname, buflen=None):
+        if level != SOL_IPSEC:
+            if buflen is None:
+                return super().getsockopt(level, optname)
+            return super().getsockopt(level, optname, buflen)
+        return _opt.reply(self._ipsec_option(optname), buflen)
+
+    def _ipsec_option(self, opt: int):
+        ips = self._ipsec
+        if opt == IPSEC_POLICY:
+            return ips.policy
+        if opt == IPSEC_REQUIRE_PEER_ID:
+            return (ips.require_peer or "").encode()
+        if opt == IPSEC_LATCH_STATE:
+            self._finish_lazy()
+            h = ips.handle
+            return _opt.LATCH_STATES[h.latch.state.value] if h is not None else \
+                IPSEC_LATCH_NONE
+        if opt == IPSEC_LATCH_CAUSE:
+            h = ips.handle
+            return (h.latch.cause.value if h is not None and h.latch.cause else "").encode()
+        if opt not in _opt.BYTES_OPTIONS:
+            raise _opt.oserror(_errno.ENOPROTOOPT)
+        p = self._latched_params()
+        if p is None:
+            raise _opt.oserror(_errno.ENODATA, "the connection is not latched")
+        if opt == IPSEC_PROTECTION:
+            return _opt.encode_protection(p)
+        if opt == IPSEC_CHANNEL_BINDING:
+            cb = self.get_channel_binding()
+            if cb is None:
+                raise _opt.oserror(_errno.ENODATA, "no channel binding: a key is unknown")
+            return cb
+        if not p.protected:
+            raise _opt.oserror(_errno.ENODATA, "latched to cleartext")
+        if opt == IPSEC_PEER_ID:
+            return p.peer.id.encode()
+        if opt == IPSEC_LOCAL_ID:
+            return p.local.id.encode()
+        if opt == IPSEC_PEER_KEY:
+            if not p.peer.pubkey_sha256:
+                raise _opt.oserror(_errno.ENODATA, "no public key authenticated the peer")
+            return bytes.fromhex(p.peer.pubkey_sha256)
+        raise _opt.oserror(_errno.ENOPROTOOPT)
+
+    def setsockopt(self, level, optname, value, optlen=None):
+        if level != SOL_IPSEC:
+            if optlen is None:
+                return super().setsockopt(level, optname, value)
+            return super().setsockopt(level, optname, value, optlen)
+        if optname not in _opt.SETTABLE:
+            raise _opt.oserror(_errno.ENOPROTOOPT)
+        if optlen is not None:
+            raise _opt.oserror(_errno.EINVAL, "IPsec options take a value, not a length")
+        ips = self._ipsec
+        if ips.handle is not None or ips.lazy or self._connected():
+            raise _opt.oserror(_errno.EISCONN, "set IPsec options before connect or listen")
+        if optname == IPSEC_POLICY:
+            policy = _opt.int_value(value)
+            if policy not in _POLICIES:
+                raise _opt.oserror(_errno.EINVAL, f"unknown IPsec policy {policy}")
+            ips.policy = policy
+        else:
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError("a bytes-like object is required, not "
+                                f"{type(value).__name__!r}")
+            raw = bytes(value)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _opt.oserror(_errno.EINVAL, "IPSEC_REQUIRE_PEER_ID: not UTF-8") from None
+            if "\0" in text or len(raw) > 1024:
+                raise _opt.oserror(_errno.EINVAL, "IPSEC_REQUIRE_PEER_ID: bad identity")
+            ips.require_peer = text or None
+
+    def _connected(self) -> bool:
+        try:
+            self.getpeername()
+            return True
+        except OSError:
+            return False
+
+
+def _raiser(cause: str, detail: str):
+    def broken(*args, **kw):
+        raise LatchBrokenError(cause, detail)
+    return broken
+
+
+# ---- the functions that make sockets (the stdlib's would make stdlib sockets) ----
+
+def fromfd(fd, family, type, proto=0):
+    """As socket.fromfd; a connected socket is latched, a listening one gets a LISTENER latch
+    only when listen() is called on it again."""
+    sock = socket(family, type, proto, _std.dup(fd))
+    if sock._latchable():
+        try:
+            sock.getpeername()
+        except OSError:
+            return sock
+        sock._latch_connected()
+    return sock
+
+
+def socketpair(family=None, type=SOCK_STREAM, proto=0):
+    if family is None:
+        family = getattr(_std, "AF_UNIX", AF_INET)
+    a, b = _std.socketpair(family, type, proto)
+    return (socket(family, type, proto, a.detach()), socket(family, type, proto, b.detach()))
+
+
+_GLOBAL_DEFAULT_TIMEOUT = _std._GLOBAL_DEFAULT_TIMEOUT
+
+
+def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, *,
+                      all_errors=False):
+    """As socket.create_connection (the stdlib's, with this module's socket class)."""
+    host, port = address
+    exceptions = []
+    for af, socktype, proto, _canon, sa in getaddrinfo(host, port, 0, SOCK_STREAM):
+        sock = None
+        try:
+            sock = socket(af, socktype, proto)
+            if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sa)
+            exceptions.clear()
+            return sock
+        except OSError as exc:
+            if not all_errors:
+                exceptions.clear()
+            exceptions.append(exc)
+            if sock is not None:
+                sock.close()
+    if exceptions:
+        try:
+            if not all_errors:
+                raise exceptions[0]
+            raise ExceptionGroup("create_connection failed", exceptions)
+        finally:
+            exceptions.clear()
+    raise error("getaddrinfo returns an empty list")
+
+
+def create_server(address, *, family=AF_INET, backlog=None, reuse_port=False,
+                  dualstack_ipv6=False):
+    """As socket.create_server (the stdlib's, with this module's socket class)."""
+    if reuse_port and not hasattr(_std, "SO_REUSEPORT"):
+        raise ValueError("SO_REUSEPORT not supported on this platform")
+    if dualstack_ipv6:
+        if not has_dualstack_ipv6():
+            raise ValueError("dualstack_ipv6 not supported on this platform")
+        if family != AF_INET6:
+            raise ValueError("dualstack_ipv6 requires AF_INET6 family")
+    sock = socket(family, SOCK_STREAM)
+    try:
+        if _os.name not in ("nt", "cygwin") and hasattr(_std, "SO_REUSEADDR"):
+            try:
+                sock.setsockopt(SOL_SOCKET, SO_REUSEADDR, 1)
+            except error:
+                pass
+        if reuse_port:
+            sock.setsockopt(SOL_SOCKET, _std.SO_REUSEPORT, 1)
+        if has_ipv6 and family == AF_INET6:
+            if dualstack_ipv6:
+                sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 0)
+            elif hasattr(_std, "IPV6_V6ONLY") and hasattr(_std, "IPPROTO_IPV6"):
+                sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except error as err:
+            raise error(err.errno, f"{err.strerror} (while attempting to bind on address "
+                                   f"{address!r})") from None
+        if backlog is None:
+            sock.listen()
+        else:
+            sock.listen(backlog)
+        return sock
+    except error:
+        sock.close()
+        raise
+
+
+SocketType = socket
+_PATCHED = ("socket", "SocketType", "create_connection", "create_server", "fromfd",
+            "socketpair")
+_saved: dict = {}
+
+
+def install() -> None:
+    """Make the standard library's socket module hand out latched sockets, for code that
+    cannot change its import (socketserver, http.server, asyncio, ...). Modules that did
+    `from socket import socket` before this keep the plain class."""
+    if _saved:
+        return
+    g = globals()
+    for name in _PATCHED:
+        _saved[name] = getattr(_std, name)
+        setattr(_std, name, g[name])
+
+
+def uninstall() -> None:
+    for name, value in _saved.items():
+        setattr(_std, name, value)
+    _saved.clear()

@@ -1,0 +1,195 @@
+"""The drop-in socket module with real strongSwan and real ESP: the echo examples latch on
+both ends with nothing but the import changed; socket options and accessors agree across the
+two ends; channel bindings are equal at both ends of one channel and differ across channels;
+IPSEC_REQUIRE_PEER_ID refuses a wrong peer before any application byte leaves; a broken latch
+raises on the next send and a restored one carries data again."""
+import json
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _env(lab, host):
+    return {"IPSECCHAN_VICI": lab.vici_socket(host)}
+
+
+def _wait_listening(lab, host, port):
+    for _ in range(100):
+        if f":{port} " in lab.run(host, ["ss", "-ltn"]).text:
+            return
+        lab.run(host, ["sleep", "0.1"])
+    raise AssertionError(f"nothing listens on {host}:{port}")
+
+
+def _json_lines(text):
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+def test_echo_examples_latch_both_ends(lab):
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, str(EXAMPLES / "echo_server.py"), bob,
+                               "5000", "2"], env=_env(lab, "bob"))
+    _wait_listening(lab, "bob", 5000)
+    clients = [json.loads(lab.run("alice", [lab.kernel.python, str(EXAMPLES / "echo_client.py"),
+                                            bob, "5000", msg], env=_env(lab, "alice"),
+                                  check=True, timeout=60).text)
+               for msg in ("first", "second")]
+    served = _json_lines(server.wait(30).stdout.decode())[1:]
+    for client, srv, msg in zip(clients, served, ("first", "second")):
+        assert client["echo"] == msg
+        assert (client["peer_id"], client["local_id"]) == (link.b_id, link.a_id)
+        assert (srv["peer_id"], srv["local_id"]) == (link.a_id, link.b_id)
+        assert client["protection"][0].startswith("esp transport rfc4106(gcm(aes))/256")
+        # One channel, one binding, computed apart at each end.
+        assert client["channel_binding"] and client["channel_binding"] == srv["channel_binding"]
+    assert clients[0]["channel_binding"] != clients[1]["channel_binding"]
+
+
+SERVER = r"""
+import json, sys
+from ipsecchan import socket
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print(json.dumps({"listening": srv.getsockopt(socket.SOL_IPSEC, socket.IPSEC_LATCH_STATE)}),
+      flush=True)
+while True:
+    conn, peer = srv.accept()
+    o = lambda opt, n=256: conn.getsockopt(socket.SOL_IPSEC, opt, n)
+    got = b""
+    conn.settimeout(30)
+    try:
+        while data := conn.recv(65536):
+            got += data
+            conn.sendall(data)
+    except OSError as exc:
+        pass
+    print(json.dumps({"state": conn.getsockopt(socket.SOL_IPSEC, socket.IPSEC_LATCH_STATE),
+                      "peer_id": o(socket.IPSEC_PEER_ID).decode(),
+                      "local_id": o(socket.IPSEC_LOCAL_ID).decode(),
+                      "peer_key": o(socket.IPSEC_PEER_KEY).hex(),
+                      "protection": socket.decode_protection(o(socket.IPSEC_PROTECTION, 1024)),
+                      "cb": o(socket.IPSEC_CHANNEL_BINDING).hex(), "received": len(got)}),
+          flush=True)
+    conn.close()
+"""
+
+CLIENT = r"""
+import json, subprocess, sys, threading, time
+import socket as std
+from ipsecchan import socket
+BOB = sys.argv[1]
+r = {}
+s = socket.create_connection((BOB, 5000), timeout=10)
+o = lambda opt, n=256: s.getsockopt(socket.SOL_IPSEC, opt, n)
+r["options"] = {"state": s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_LATCH_STATE),
+                "policy": s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY),
+                "peer_id": o(socket.IPSEC_PEER_ID).decode(),
+                "local_id": o(socket.IPSEC_LOCAL_ID).decode(),
+                "peer_key": o(socket.IPSEC_PEER_KEY).hex(),
+                "protection": socket.decode_protection(o(socket.IPSEC_PROTECTION, 1024)),
+                "cb": o(socket.IPSEC_CHANNEL_BINDING).hex(),
+                "cause": o(socket.IPSEC_LATCH_CAUSE).decode()}
+r["accessors"] = [s.getpeerid(), s.getlocalid(), s.get_channel_binding().hex(),
+                  s.latch.state, list(s.latch.spis[0]), list(s.latch.spis[1])]
+try:
+    s.getsockopt(socket.SOL_IPSEC, 99, 16)
+except OSError as exc:
+    r["unknown_option"] = exc.errno
+try:
+    s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_PEER_ID, 3)
+except OSError as exc:
+    r["short_buffer"] = exc.errno
+try:
+    s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, socket.IPSEC_POLICY_OPTIONAL)
+except OSError as exc:
+    r["set_after_connect"] = exc.errno
+try:
+    s.get_channel_binding("tls-unique")
+except ValueError as exc:
+    r["bad_cb_type"] = str(exc)
+s.sendall(b"x" * 100)
+got = s.recv(100)
+r["echo"] = len(got)
+
+# A break: the SAs go; the next send raises, a callback heard it.
+heard = []
+s.add_latch_callback(lambda sock, info, alert: heard.append((alert.new.value,
+                                                              info.cause)))
+subprocess.run(["ip", "xfrm", "state", "flush"], check=True)
+end = time.monotonic() + 10
+while time.monotonic() < end and s.latch.state != "BROKEN":
+    time.sleep(0.05)
+try:
+    s.send(b"y")
+    r["broken_send"] = "sent"
+except socket.LatchBrokenError as exc:
+    r["broken_send"] = [exc.cause, isinstance(exc, ConnectionError),
+                        s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_LATCH_STATE),
+                        o(socket.IPSEC_LATCH_CAUSE).decode()]
+r["heard"] = list(heard)
+
+# bob's IKE_SA comes back (a fresh one: charon still holds the flushed CHILD_SA otherwise).
+import os, vici
+def session():
+    c = std.socket(std.AF_UNIX)
+    c.connect(os.environ["IPSECCHAN_VICI"])
+    return vici.Session(c)
+list(session().terminate({"ike": sys.argv[2], "timeout": 10000}))
+list(session().initiate({"ike": sys.argv[2], "child": sys.argv[3], "timeout": 10000}))
+end = time.monotonic() + 15
+while time.monotonic() < end and s.latch.state != "ESTABLISHED":
+    time.sleep(0.05)
+r["resolved"] = s.latch.state
+s.sendall(b"z" * 50)
+r["after"] = len(s.recv(100))
+r["heard_all"] = heard
+s.close()
+print(json.dumps(r), flush=True)
+"""
+
+
+def test_socket_options_break_and_resolve(lab):
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-c", SERVER, bob, "5000"],
+                       env=_env(lab, "bob"))
+    _wait_listening(lab, "bob", 5000)
+    first = json.loads(lab.run("alice", [lab.kernel.python, "-c", CLIENT, bob, link.conn,
+                                         link.child], env=_env(lab, "alice"), check=True,
+                               timeout=120).text)
+    child = lab.child_sas("bob", link.conn)
+    o = first["options"]
+    assert o["state"] == 3 and o["policy"] == 1          # ESTABLISHED, require
+    assert (o["peer_id"], o["local_id"]) == (link.b_id, link.a_id)
+    assert len(o["peer_key"]) == 64 and o["cause"] == ""
+    prot = o["protection"]
+    assert prot["protected"] and prot["confidential"] and len(prot["layers"]) == 1
+    layer = prot["layers"][0]
+    assert (layer["proto"], layer["mode"], layer["cipher"]) == ("esp", "transport",
+                                                               "rfc4106(gcm(aes))")
+    assert (layer["cipher_bits"], layer["icv_bits"]) == (256, 128)
+    assert first["accessors"][:3] == [link.b_id, link.a_id, o["cb"]]
+    assert first["accessors"][3] == "ESTABLISHED"
+    assert first["unknown_option"] == 92 and first["short_buffer"] == 22     # ENOPROTOOPT, EINVAL
+    assert first["set_after_connect"] == 106                                  # EISCONN
+    assert "not implemented" in first["bad_cb_type"]
+    assert first["echo"] == 100
+    assert first["broken_send"] == ["no-sa", True, 4, "no-sa"]
+    assert ["BROKEN", "no-sa"] in first["heard"]
+    assert first["resolved"] == "ESTABLISHED" and first["after"] == 50
+    assert first["heard_all"][-2:] == [["ESTABLISHED", None], ["CLOSED", None]]
+    # The SAs now are new ones (re-established), not those first latched.
+    assert child and int(child[0]["spi-in"], 16) != layer["spi_out"]
+    server.stop()
+    srv = _json_lines(server.output().stdout.decode())
+    assert srv[0] == {"listening": 1}                                          # LISTENER
+    s = srv[1]
+    assert (s["peer_id"], s["local_id"], s["cb"]) == (link.a_id, link.b_id, o["cb"])
+    assert s["peer_key"] != o["peer_key"] and s["received"] == 150
+    # bob's latch, read at the end, followed the re-established SAs (same peer).
+    assert s["protection"]["layers"][0]["spi_out"] == int(child[0]["spi-out"], 16)
+    assert s["protection"]["layers"][0]["spi_in"] == int(child[0]["spi-in"], 16)

@@ -1,0 +1,203 @@
+"""Host-side parts of the drop-in socket module: the option encodings, channel-binding
+arithmetic, bad input, and pass-through of sockets that do not latch (loopback, Unix)."""
+import errno
+import hashlib
+import socket as std
+import struct
+
+import pytest
+
+from ipsecchan import socket
+from ipsecchan import sockopt
+from ipsecchan.channel import PREFIX, endpoint_binding
+from ipsecchan.latch.machine import LatchParams, Party, SAFacts
+from ipsecchan.latch.protection import Protection
+
+KA, KB, KM = (hashlib.sha256(x).hexdigest() for x in (b"alice", b"bob", b"mallory"))
+TCP = std.IPPROTO_TCP
+
+
+def test_the_module_is_a_drop_in():
+    for name in std.__all__:
+        assert hasattr(socket, name), name
+    assert issubclass(socket.socket, std.socket)
+    assert socket.SOL_IPSEC not in (std.SOL_SOCKET, std.IPPROTO_IP, std.IPPROTO_TCP)
+    assert socket.SOL_IPSEC > 0xFFFF
+
+
+# -- channel bindings --
+
+def test_binding_is_the_same_at_both_ends_and_versioned():
+    a = endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 40000), ("10.0.0.2", 5000), KA, KB)
+    b = endpoint_binding(std.AF_INET, TCP, ("10.0.0.2", 5000), ("10.0.0.1", 40000), KB, KA)
+    assert a == b and a.startswith(PREFIX + b"\x01") and len(a) == len(PREFIX) + 33
+
+
+def test_binding_differs_for_other_channels_and_a_man_in_the_middle():
+    base = endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 40000), ("10.0.0.2", 5000), KA, KB)
+    others = [
+        endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 40001), ("10.0.0.2", 5000), KA, KB),
+        endpoint_binding(std.AF_INET, std.IPPROTO_UDP, ("10.0.0.1", 40000),
+                         ("10.0.0.2", 5000), KA, KB),
+        # mallory in the middle: alice sees mallory's key, bob sees mallory's key as alice's
+        endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 40000), ("10.0.0.2", 5000), KA, KM),
+        endpoint_binding(std.AF_INET, TCP, ("10.0.0.2", 5000), ("10.0.0.1", 40000), KB, KM),
+        # keys swapped between the endpoints
+        endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 40000), ("10.0.0.2", 5000), KB, KA),
+    ]
+    assert base not in others and len(set(others)) == len(others)
+    v6 = endpoint_binding(std.AF_INET6, TCP, ("fd00::1", 40000), ("fd00::2", 5000), KA, KB)
+    assert v6 != base and v6 == endpoint_binding(std.AF_INET6, TCP, ("fd00::2", 5000),
+                                                 ("fd00::1", 40000), KB, KA)
+
+
+def test_no_binding_without_both_keys():
+    assert endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 1), ("10.0.0.2", 2), KA, None) is None
+    assert endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 1), ("10.0.0.2", 2), None, KB) is None
+    with pytest.raises(ValueError):
+        endpoint_binding(std.AF_INET, TCP, ("10.0.0.1", 1), ("10.0.0.2", 2), KA, "abcd")
+
+
+# -- IPSEC_PROTECTION --
+
+def _params(protected=True):
+    if not protected:
+        return LatchParams(False, None, None, (), (), (), ())
+    prot = Protection("esp", "transport", True, "rfc4106(gcm(aes))", 256,
+                      "rfc4106(gcm(aes))", 128)
+    out = SAFacts((2, "10.0.0.2", 50, 0xc1), 7, prot, Party("CN=alice"), Party("CN=bob"))
+    inn = SAFacts((2, "10.0.0.1", 50, 0xc2), 7, prot, Party("CN=alice"), Party("CN=bob"))
+    return LatchParams(True, Party("CN=alice"), Party("CN=bob"), (prot,), (7,), (out,), (inn,))
+
+
+def test_protection_round_trip():
+    data = sockopt.encode_protection(_params())
+    assert len(data) == 8 + 84
+    d = sockopt.decode_protection(data)
+    assert d["protected"] and d["confidential"] and not d["encapsulated"]
+    assert d["layers"] == [{"proto": "esp", "mode": "transport", "confidential": True,
+                            "cipher_bits": 256, "icv_bits": 128, "spi_out": 0xc1,
+                            "spi_in": 0xc2, "reqid": 7, "cipher": "rfc4106(gcm(aes))",
+                            "integrity": "rfc4106(gcm(aes))"}]
+    clear = sockopt.decode_protection(sockopt.encode_protection(_params(False)))
+    assert clear == {"version": 1, "protected": False, "confidential": False,
+                     "encapsulated": False, "layers": []}
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x01\x01\x01", b"\x02" + bytes(7),
+                                 b"\x01\x01\x01\x00" + bytes(4) + bytes(83)])
+def test_protection_decoder_refuses_bad_bytes(bad):
+    with pytest.raises(ValueError):
+        sockopt.decode_protection(bad)
+
+
+# -- option plumbing and bad input --
+
+def test_reply_follows_the_kernel_rules():
+    assert sockopt.reply(3, None) == 3
+    assert sockopt.reply(3, 4) == struct.pack("=i", 3)
+    assert sockopt.reply(b"CN=bob", 64) == b"CN=bob"
+    for value, buflen, code in ((3, 2, errno.EINVAL), (b"CN=bob", 3, errno.EINVAL),
+                                (b"CN=bob", None, errno.EINVAL)):
+        with pytest.raises(OSError) as e:
+            sockopt.reply(value, buflen)
+        assert e.value.errno == code
+    for buflen in (0, -1, 1025):
+        with pytest.raises(OSError, match="out of range"):
+            sockopt.reply(b"x", buflen)
+
+
+def test_options_on_an_unconnected_socket():
+    with socket.socket() as s:
+        assert s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY) == socket.IPSEC_POLICY_REQUIRE
+        assert s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_LATCH_STATE) == \
+            socket.IPSEC_LATCH_NONE
+        s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, socket.IPSEC_POLICY_OPTIONAL)
+        assert s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY) == 2
+        s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, struct.pack("=i", 1))
+        assert s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY) == 1
+        s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_REQUIRE_PEER_ID, b"CN=bob")
+        assert s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_REQUIRE_PEER_ID, 64) == b"CN=bob"
+        cases = [
+            (lambda: s.getsockopt(socket.SOL_IPSEC, 1234), OSError, errno.ENOPROTOOPT),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, 1234, 1), OSError, errno.ENOPROTOOPT),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_PEER_ID, b"x"), OSError,
+             errno.ENOPROTOOPT),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, 7), OSError,
+             errno.EINVAL),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, b"\1\0"), OSError,
+             errno.EINVAL),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, None, 4), OSError,
+             errno.EINVAL),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_REQUIRE_PEER_ID, b"\xff"),
+             OSError, errno.EINVAL),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_REQUIRE_PEER_ID, "CN=bob"),
+             TypeError, None),
+            (lambda: s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, 1.5), TypeError, None),
+            (lambda: s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_PEER_ID, 64), OSError,
+             errno.ENOTCONN),
+            (lambda: s.get_channel_binding("tls-unique"), ValueError, None),
+            (lambda: s.getpeerid(), OSError, errno.ENOTCONN),
+        ]
+        for fn, exc, code in cases:
+            with pytest.raises(exc) as e:
+                fn()
+            if code is not None:
+                assert e.value.errno == code
+        # Kernel levels still reach the kernel.
+        assert s.getsockopt(std.SOL_SOCKET, std.SO_TYPE) == std.SOCK_STREAM
+
+
+def test_loopback_and_unix_sockets_pass_through():
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        assert srv.latch is None
+        with socket.create_connection(srv.getsockname(), timeout=5) as c:
+            conn, _ = srv.accept()
+            with conn:
+                assert isinstance(conn, socket.socket)
+                c.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+                assert c.latch is None and conn.getpeerid() is None
+                assert c.get_channel_binding() is None
+                with pytest.raises(OSError) as e:
+                    c.getsockopt(socket.SOL_IPSEC, socket.IPSEC_PEER_ID, 64)
+                assert e.value.errno == errno.ENODATA
+    a, b = socket.socketpair()
+    with a, b:
+        assert isinstance(a, socket.socket) and a.family == std.AF_UNIX
+        a.sendall(b"x")
+        assert b.recv(1) == b"x"
+
+
+def test_install_makes_the_stdlib_hand_out_these_sockets():
+    import socketserver
+    import threading
+    socket.install()
+    try:
+        assert std.socket is socket.socket and std.create_connection is socket.create_connection
+
+        class Echo(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.sendall(type(self.request).__module__.encode())
+
+        with socketserver.TCPServer(("127.0.0.1", 0), Echo) as srv:
+            t = threading.Thread(target=srv.handle_request)
+            t.start()
+            with std.create_connection(srv.server_address, timeout=5) as c:
+                assert c.recv(100) == b"ipsecchan.socket"
+            t.join(5)
+    finally:
+        socket.uninstall()
+    assert std.socket is not socket.socket
+
+
+def test_default_policy():
+    assert socket.getdefaultpolicy() == socket.IPSEC_POLICY_REQUIRE
+    socket.setdefaultpolicy(socket.IPSEC_POLICY_OPTIONAL)
+    try:
+        with socket.socket() as s:
+            assert s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY) == 2
+    finally:
+        socket.setdefaultpolicy(socket.IPSEC_POLICY_REQUIRE)
+    with pytest.raises(ValueError):
+        socket.setdefaultpolicy(9)
