@@ -193,3 +193,61 @@ def test_socket_options_break_and_resolve(lab):
     # bob's latch, read at the end, followed the re-established SAs (same peer).
     assert s["protection"]["layers"][0]["spi_out"] == int(child[0]["spi-out"], 16)
     assert s["protection"]["layers"][0]["spi_in"] == int(child[0]["spi-in"], 16)
+
+
+OPTIONAL = r"""
+import json, sys
+from ipsecchan import socket
+CAROL = sys.argv[1]
+r = {}
+try:
+    socket.create_connection((CAROL, 5000), timeout=10)
+    r["require"] = "latched"
+except socket.LatchRefused as exc:
+    r["require"] = exc.cause.value
+s = socket.socket()
+s.settimeout(10)
+s.setsockopt(socket.SOL_IPSEC, socket.IPSEC_POLICY, socket.IPSEC_POLICY_OPTIONAL)
+s.connect((CAROL, 5000))
+s.sendall(b"in the clear, knowingly")
+r["optional"] = {"state": s.latch.state, "protected": s.latch.protected,
+                 "peer": s.getpeerid(), "cb": s.get_channel_binding(),
+                 "protection": socket.decode_protection(
+                     s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_PROTECTION, 64)),
+                 "echo": s.recv(100).decode()}
+s.close()
+print(json.dumps(r))
+"""
+
+
+PLAIN_ECHO = r"""
+import socket, sys
+ls = socket.create_server((sys.argv[1], 5000))
+while True:
+    c, _ = ls.accept()
+    try:
+        while data := c.recv(1000):
+            c.sendall(data)
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+def test_optional_policy_latches_to_cleartext_knowingly(lab):
+    # No IKE anywhere: carol is reached in clear. REQUIRE refuses; OPTIONAL (RFC 5660 3.1)
+    # latches to cleartext and says so.
+    lab.add_host("alice")
+    lab.add_host("carol")
+    carol = lab.host("carol").addr(4)
+    server = lab.spawn("carol", [lab.kernel.python, "-c", PLAIN_ECHO, carol])
+    _wait_listening(lab, "carol", 5000)
+    r = json.loads(lab.python("alice", OPTIONAL, carol, env={"IPSECCHAN_VICI": "/run/none"},
+                              check=True, timeout=60).text)
+    server.stop()
+    assert r["require"] == "cleartext"
+    o = r["optional"]
+    assert (o["state"], o["protected"], o["peer"], o["cb"]) == ("ESTABLISHED", False, None,
+                                                                None)
+    assert o["protection"]["protected"] is False and o["protection"]["layers"] == []
+    assert o["echo"] == "in the clear, knowingly"

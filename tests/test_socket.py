@@ -201,3 +201,17 @@ def test_default_policy():
         socket.setdefaultpolicy(socket.IPSEC_POLICY_REQUIRE)
     with pytest.raises(ValueError):
         socket.setdefaultpolicy(9)
+
+
+def test_default_policy_from_the_environment():
+    import os
+    import subprocess
+    import sys
+    code = "from ipsecchan import socket; print(socket.getdefaultpolicy())"
+    for value, expect in (("optional", "2"), ("BYPASS", "0"), ("require", "1")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "IPSECCHAN_POLICY": value}, check=True)
+        assert out.stdout.strip() == expect
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "IPSECCHAN_POLICY": "maybe"})
+    assert bad.returncode != 0 and "IPSECCHAN_POLICY='maybe'" in bad.stderr
