@@ -1,5 +1,6 @@
-"""`ipsecchan lab demo`: two hosts with certificate identities, IKEv2 up, TCP over ESP; then
-a latched connection that follows a CHILD_SA rekey and breaks when an impostor appears.
+"""`ipsecchan lab demo`: two hosts with certificate identities, IKEv2 up, TCP over ESP; the
+drop-in socket module on both ends (peer IDs, channel bindings); then a latched connection
+that follows a CHILD_SA rekey and breaks when an impostor appears.
 
 Part 1 prints, for each side, the peer identity strongSwan reports and the kernel's ESP SA
 counters before and after the exchange. Part 2 latches a TCP connection alice -> bob (RFC
@@ -23,6 +24,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ipsecchan.lab.errors import LabError
 from ipsecchan.lab.kernel import Kernel
@@ -60,6 +62,15 @@ def run(kernel_mode: str = "auto", auth: str = "cert", family: int = 4, out=prin
                 p0, b0 = before[name].get((direction, spi), (0, 0))
                 out(f"{name}:   ESP SA {direction:3} spi 0x{spi:08x}: {pkts} packets "
                     f"(+{pkts - p0}), {nbytes} bytes (+{nbytes - b0})")
+        out("")
+        out("-- the drop-in socket module: `from ipsecchan import socket`, nothing else "
+            "changed --")
+        problems = dropin(lab, link, out=out)
+        if problems:
+            out("FAILED:")
+            for p in problems:
+                out(f"  - {p}")
+            return 1
         if auth == "psk" or family != 4:
             out("latching and the impostor run with keys over IPv4: --auth cert or rpk, "
                 "--family 4")
@@ -81,6 +92,54 @@ def run(kernel_mode: str = "auto", auth: str = "cert", family: int = 4, out=prin
             out("OK: the latch followed the rekey, refused the impostor, and came back to bob")
     out(f"torn down; {time.monotonic() - t0:.1f} s in all")
     return 0
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def dropin(lab: Lab, link: IkeLink, *, out=print) -> list[str]:
+    """examples/echo_server.py on bob, examples/echo_client.py on alice: both latch, and each
+    end reads its peer's IKE identity and the channel bindings, which must agree."""
+    if not (EXAMPLES / "echo_server.py").exists():
+        return [f"{EXAMPLES} not found: run the demo from a checkout"]
+    a, b = lab.host(link.a), lab.host(link.b)
+    addr = b.addr(link.family)
+    py = lab.kernel.python
+    server = lab.spawn(link.b, [py, str(EXAMPLES / "echo_server.py"), addr, str(PORT + 1),
+                                "1"], env={"IPSECCHAN_VICI": lab.vici_socket(link.b)})
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while b"listening" not in server.output().stdout:
+        if time.monotonic() > deadline or not server.running():
+            server.stop()
+            return [f"echo server: {server.output().stderr.decode()[-500:]}"]
+        time.sleep(0.05)
+    res = lab.run(link.a, [py, str(EXAMPLES / "echo_client.py"), addr, str(PORT + 1),
+                           "hello over an IPsec channel"],
+                  env={"IPSECCHAN_VICI": lab.vici_socket(link.a)}, timeout=STEP_TIMEOUT)
+    if res.rc != 0:
+        server.stop()
+        return [f"echo client: {res.stderr.decode()[-500:]}"]
+    cli = json.loads(res.text)
+    srv = json.loads(server.wait(STEP_TIMEOUT).stdout.decode().splitlines()[-1])
+    cb_a, cb_b = cli["channel_binding"], srv["channel_binding"]
+    out(f"{a.name}: connected to {addr}, peer {cli['peer_id']} (local {cli['local_id']}), "
+        f"{cli['protection'][0]}; echo {cli['echo']!r}")
+    out(f"{b.name}: accepted a connection from peer {srv['peer_id']} (local "
+        f"{srv['local_id']})")
+    out(f"{a.name}: channel binding ipsec-endpoint {cb_a or 'unavailable (no public keys)'}")
+    out(f"{b.name}: channel binding ipsec-endpoint {cb_b or 'unavailable (no public keys)'}")
+    problems = []
+    if (cli["peer_id"], srv["peer_id"]) != (link.b_id, link.a_id):
+        problems.append(f"peer IDs {cli['peer_id']!r}/{srv['peer_id']!r}, expected "
+                        f"{link.b_id!r}/{link.a_id!r}")
+    if cb_a != cb_b or (link.auth != "psk" and not cb_a):
+        problems.append("the two ends' channel bindings differ")
+    elif cb_a:
+        out("OK: both ends latched, each knows the other's IKE identity, and the bindings "
+            "agree")
+    else:
+        out("OK: both ends latched; no bindings with PSK (no public key authenticated)")
+    return problems
 
 
 # -- the scenario (controller side) --------------------------------------------------------
