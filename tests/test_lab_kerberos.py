@@ -2,9 +2,11 @@
 (examples/gssapi_echo.py). The KDC runs on a host of its own and is reached in clear; the
 service runs on bob and the client on alice, over an IKEv2 CHILD_SA between the two.
 
-Until the socket module gives each connection its "ipsec-endpoint" binding, both ends are
-handed the bindings with --cb-hex: equal bytes stand for one channel, different bytes for a
-token relayed onto another channel."""
+The first two tests hand both ends the bindings with --cb-hex, to show what MIT's acceptor
+does with equal, different and missing bindings. The last runs the example as written: each
+end takes the "ipsec-endpoint" binding of its own latched connection (ipsecchan.socket), and
+authentication succeeds on the real channel and fails through a man in the middle who relays
+it over IPsec channels of his own."""
 import json
 import pathlib
 import secrets
@@ -138,3 +140,54 @@ def test_kerberos_refuses_other_or_missing_bindings(lab, realm):
     assert s["client"] == "alice@LAB.TEST" and s["channel_bound"] is False
     assert "message" not in s
     assert c == {"kind": "E", "body": s["error"]} or c["kind"] is None, c
+
+
+def test_kerberos_bound_to_the_real_channel_and_refused_through_a_relay(lab):
+    for name in ("alice", "bob", "kdc", "mallory"):
+        lab.add_host(name)
+    lab.ike("alice", "bob")
+    lab.ike("alice", "mallory")
+    lab.ike("mallory", "bob")
+    kdc = Kdc.start(lab, "kdc")
+    kdc.kinit("alice", "alice", kdc.add_user("alice"))
+    kdc.add_service(SERVICE, "bob")
+    bob, mallory = lab.host("bob").addr(4), lab.host("mallory").addr(4)
+    py = lab.kernel.python
+
+    def env(host):
+        return {**kdc.env(host), "IPSECCHAN_VICI": lab.vici_socket(host)}
+
+    def run(port, via):
+        server = lab.spawn("bob", [py, EXAMPLE, "serve", bob, str(port), "--once"],
+                           env=env("bob"))
+        relay = None
+        target = bob
+        if via:
+            relay = lab.spawn("mallory", [py, "-m", "ipsecchan.lab.relay", mallory, str(port),
+                                          bob, str(port)], env=env("mallory"))
+            target = mallory
+        for _ in range(100):
+            if all(f":{port} " in lab.run(h, ["ss", "-ltn"]).text
+                   for h in (["bob"] + (["mallory"] if via else []))):
+                break
+            lab.run("bob", ["sleep", "0.1"])
+        cli = lab.run("alice", [py, EXAMPLE, "client", target, str(port), "--message",
+                                "bound to IPsec"], env=env("alice"), timeout=60)
+        srv = server.wait(30)
+        if relay is not None:
+            relay.wait(30)
+        return cli, srv
+
+    cli, srv = run(6010, via=False)
+    c, s = outcome(cli), outcome(srv)
+    assert (cli.rc, srv.rc) == (0, 0), (cli, srv)
+    assert s["channel_bound"] is True and s["message"] == c["echo"] == "bound to IPsec"
+    assert s["cb_sha256"] == c["cb_sha256"]
+
+    # mallory relays alice's connection to bob: both of its legs are protected IPsec channels,
+    # but alice's binding names alice's and mallory's keys, bob's names mallory's and bob's.
+    cli, srv = run(6011, via=True)
+    c, s = outcome(cli), outcome(srv)
+    assert srv.rc == 1 and s["stage"] == "accept", s
+    assert s["error"].startswith("BadChannelBindingsError") and "message" not in s
+    assert cli.rc == 1 and "echo" not in c

@@ -7,30 +7,6 @@ from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-RELAY = r"""
-import json, sys, threading
-from ipsecchan import socket
-ME, BOB = sys.argv[1], sys.argv[2]
-ls = socket.create_server((ME, 5000))
-print("up", flush=True)
-down, _ = ls.accept()
-up = socket.create_connection((BOB, 5000), timeout=10)
-
-def pump(a, b):
-    while data := a.recv(65536):
-        b.sendall(data)
-    b.shutdown(socket.SHUT_WR)
-
-t = threading.Thread(target=pump, args=(down, up))
-t.start()
-pump(up, down)
-t.join()
-print(json.dumps({"from": down.getpeerid(), "to": up.getpeerid(),
-                  "cb_down": down.get_channel_binding().hex(),
-                  "cb_up": up.get_channel_binding().hex()}), flush=True)
-"""
-
-
 def _wait_listening(lab, host, port):
     for _ in range(100):
         if f":{port} " in lab.run(host, ["ss", "-ltn"]).text:
@@ -48,7 +24,7 @@ def test_relay_in_the_middle_changes_the_bindings(lab):
     py = lab.kernel.python
     server = lab.spawn("bob", [py, str(EXAMPLES / "echo_server.py"), bob, "5000", "1"],
                        env={"IPSECCHAN_VICI": lab.vici_socket("bob")})
-    relay = lab.spawn("mallory", [py, "-c", RELAY, mallory, bob],
+    relay = lab.spawn("mallory", [py, "-m", "ipsecchan.lab.relay", mallory, "5000", bob, "5000"],
                       env={"IPSECCHAN_VICI": lab.vici_socket("mallory")})
     _wait_listening(lab, "bob", 5000)
     _wait_listening(lab, "mallory", 5000)
