@@ -251,3 +251,53 @@ def test_optional_policy_latches_to_cleartext_knowingly(lab):
                                                                 None)
     assert o["protection"]["protected"] is False and o["protection"]["layers"] == []
     assert o["echo"] == "in the clear, knowingly"
+
+
+ASYNC_BREAK = r"""
+import asyncio, json, subprocess, sys, time
+from ipsecchan import socket
+BOB = sys.argv[1]
+
+async def main():
+    s = socket.create_connection((BOB, 5000), timeout=10)
+    s.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=s)
+    writer.write(b"before\n")
+    await writer.drain()
+    r = {"before": (await reader.readline()).decode()}
+    subprocess.run(["ip", "xfrm", "state", "flush"], check=True)
+    end = time.monotonic() + 10
+    while time.monotonic() < end and s.latch.state != "BROKEN":
+        await asyncio.sleep(0.05)
+    r["state"] = s.latch.state
+    writer.write(b"after\n")          # the transport's send raises: connection_lost(exc)
+    try:
+        await writer.drain()
+        await reader.readline()
+        r["after"] = "no error"
+    except Exception as exc:
+        r["after"] = [type(exc).__name__, getattr(exc, "cause", None)]
+    try:
+        await reader.readline()
+    except Exception as exc:
+        r["reader"] = [type(exc).__name__, getattr(exc, "cause", None)]
+    r["closing"] = writer.transport.is_closing()
+    print(json.dumps(r))
+
+asyncio.run(main())
+"""
+
+
+def test_asyncio_transport_ends_with_latch_broken(lab):
+    lab.add_host("alice")
+    lab.add_host("bob")
+    lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-c", PLAIN_ECHO, bob])
+    _wait_listening(lab, "bob", 5000)
+    r = json.loads(lab.python("alice", ASYNC_BREAK, bob, env=_env(lab, "alice"), check=True,
+                              timeout=60).text)
+    server.stop()
+    assert r["before"] == "before\n" and r["state"] == "BROKEN"
+    assert r["reader"] == ["LatchBrokenError", "no-sa"] and r["closing"] is True
+    assert r["after"][0] in ("LatchBrokenError", "ConnectionResetError"), r
