@@ -301,3 +301,44 @@ def test_asyncio_transport_ends_with_latch_broken(lab):
     assert r["before"] == "before\n" and r["state"] == "BROKEN"
     assert r["reader"] == ["LatchBrokenError", "no-sa"] and r["closing"] is True
     assert r["after"][0] in ("LatchBrokenError", "ConnectionResetError"), r
+
+
+ACCEPT_ONE = r"""
+import json, sys
+from ipsecchan import socket
+srv = socket.create_server((sys.argv[1], 5000))
+print(json.dumps({"listening": True}), flush=True)
+conn, peer = srv.accept()             # carol's connection is refused inside; alice's returns
+print(json.dumps({"peer": peer[0], "peer_id": conn.getpeerid()}), flush=True)
+conn.sendall(b"welcome")
+conn.close()
+"""
+
+TRY_CONNECT = r"""
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], 5000), timeout=5)
+try:
+    print(json.dumps({"got": s.recv(100).decode()}))
+except OSError as exc:
+    print(json.dumps({"error": type(exc).__name__}))
+"""
+
+
+def test_accept_never_returns_a_connection_it_cannot_latch(lab):
+    # carol reaches bob over a manually keyed SA that no identity source names: bob's
+    # listener refuses it (identity-unknown) inside accept(); alice's IKE connection is the
+    # one accept() returns.
+    for h in ("alice", "bob", "carol"):
+        lab.add_host(h)
+    link = lab.ike("alice", "bob", auth="cert")
+    lab.static_sa("carol", "bob")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-c", ACCEPT_ONE, bob], env=_env(lab, "bob"))
+    _wait_listening(lab, "bob", 5000)
+    carol = json.loads(lab.python("carol", TRY_CONNECT, bob, check=True, timeout=30).text)
+    alice = json.loads(lab.python("alice", TRY_CONNECT, bob, check=True, timeout=30).text)
+    out = [json.loads(x) for x in server.wait(30).stdout.decode().splitlines()]
+    assert carol == {"error": "ConnectionResetError"}
+    assert alice == {"got": "welcome"}
+    assert out[1] == {"peer": lab.host("alice").addr(4), "peer_id": link.a_id}
+    assert "refused a connection from" in server.output().stderr.decode()
