@@ -1,14 +1,16 @@
-"""The process's latching context, behind ipsecchan.socket: one Latcher (kernel view and
-identity source), an event thread that follows XFRM and IKE events for every latch, and the
-socket references the latches act on.
+"""The process's latching backend, behind ipsecchan.socket: either in-process (one Latcher
+with its kernel view and identity source, an event thread following XFRM and IKE events) or
+the broker (`ipsecchan daemon`, for processes without CAP_NET_ADMIN). Both offer latch,
+listen, accept and release, so the socket module behaves the same either way.
 
-Configured from the environment on first use, or by configure() before it:
+Chosen on first use: the broker when its socket answers, in-process when this process has
+CAP_NET_ADMIN, otherwise an error that says which of the two to provide. From the
+environment (or configure() before the first latch):
 
-    IPSECCHAN_VICI     charon's VICI socket (default /var/run/charon.vici)
+    IPSECCHAN_MODE     auto (default), broker or inprocess
+    IPSECCHAN_BROKER   the broker's socket (default /run/ipsecchan/broker.sock)
+    IPSECCHAN_VICI     charon's VICI socket (default /var/run/charon.vici), in-process
     IPSECCHAN_STATIC   a static identities file for manually keyed SAs (ipsecchan.ike.static)
-
-In-process latching needs CAP_NET_ADMIN (the SAD/SPD, XFRM notifications, per-socket
-policies). Without it the first latch fails with a clear error.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import weakref
 
 from ipsecchan.ike import ChainSource, StaticSource, StrongSwanSource
 from ipsecchan.latch.engine import Latcher
+from ipsecchan.latch.enforce import apply
+from ipsecchan.latch.machine import Block, LatchRefused
 
 log = logging.getLogger("ipsecchan")
 
@@ -123,6 +127,24 @@ class Runtime:
                 log.warning("latch status service not started: %s", exc)
                 self.status = None
 
+    # -- the backend interface ipsecchan.socket uses (the broker client has the same) --
+    def latch(self, sock, requirements, on_alert=None):
+        try:
+            return self.latcher.latch(sock, requirements, on_alert)
+        except LatchRefused as exc:
+            # Nothing of the connection may leave (the engine released its pin): block it.
+            apply(sock, Block(exc.cause))
+            raise
+
+    def listen(self, sock, requirements, on_alert=None):
+        return self.latcher.listen(sock, requirements, on_alert)
+
+    def accept(self, listener, sock, on_alert=None):
+        return self.latcher.accept(listener, sock, on_alert)
+
+    def release(self, handle) -> None:
+        self.latcher.release(handle)
+
     def _run(self) -> None:
         next_sweep = time.monotonic() + SWEEP_EVERY
         while not self._stop.is_set():
@@ -160,34 +182,70 @@ def default_identities():
     return src
 
 
-_runtime: Runtime | None = None
+_runtime = None
 _runtime_lock = threading.Lock()
 _config: dict = {}
+_CAP_NET_ADMIN = 12
 
 
-def configure(*, identities=None, view=None) -> None:
-    """Choose the identity source (and kernel view) before the first latch of the process."""
+def configure(*, identities=None, view=None, mode: str | None = None,
+              broker: str | None = None) -> None:
+    """Choose the backend (and, in-process, the identity source and kernel view) before the
+    first latch of the process."""
     with _runtime_lock:
         if _runtime is not None:
             raise RuntimeError("ipsecchan is already latching in this process; configure "
                                "it before the first connection")
-        _config.update(identities=identities, view=view)
+        _config.update(identities=identities, view=view, mode=mode, broker=broker)
 
 
-def get() -> Runtime:
+def has_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+
+
+def _choose():
+    from ipsecchan.broker.client import BrokerClient, BrokerUnavailable
+    from ipsecchan.broker.protocol import DEFAULT_PATH
+    mode = _config.get("mode") or os.environ.get("IPSECCHAN_MODE", "auto")
+    path = _config.get("broker") or os.environ.get("IPSECCHAN_BROKER", DEFAULT_PATH)
+    if mode not in ("auto", "broker", "inprocess"):
+        raise ValueError(f"IPSECCHAN_MODE={mode!r}: expected auto, broker or inprocess")
+    broker_error = None
+    if mode in ("auto", "broker"):
+        try:
+            return BrokerClient(path)
+        except BrokerUnavailable as exc:
+            broker_error = exc
+            if mode == "broker":
+                raise
+    if mode == "inprocess" or has_net_admin():
+        try:
+            return Runtime(_config.get("identities"), _config.get("view"))
+        except PermissionError as exc:
+            raise PermissionError(
+                exc.errno, "ipsecchan: latching in this process needs CAP_NET_ADMIN "
+                           f"(reading the SAD/SPD and setting per-socket policies): {exc}"
+            ) from None
+    raise PermissionError(
+        1, "ipsecchan: cannot latch: no broker answers at "
+           f"{path} ({broker_error.strerror if broker_error else 'not tried'}) and this "
+           "process lacks CAP_NET_ADMIN. Start `ipsecchan daemon` (or set IPSECCHAN_BROKER "
+           "to its socket), or run with CAP_NET_ADMIN.")
+
+
+def get():
     global _runtime
     rt = _runtime
     if rt is not None:
         return rt
     with _runtime_lock:
         if _runtime is None:
-            try:
-                _runtime = Runtime(_config.get("identities"), _config.get("view"))
-            except PermissionError as exc:
-                raise PermissionError(
-                    exc.errno, "ipsecchan: latching in this process needs CAP_NET_ADMIN "
-                               f"(reading the SAD/SPD and setting per-socket policies): {exc}"
-                ) from None
+            _runtime = _choose()
         return _runtime
 
 

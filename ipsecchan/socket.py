@@ -240,12 +240,9 @@ class socket(_std.socket):
         rt = _runtime.get()
         ref = _runtime.LatchedFd(self)
         try:
-            handle = rt.latcher.latch(ref, self._requirements(), self._alert_callback())
+            # On refusal the backend blocks the connection: nothing of it may go out.
+            handle = rt.latch(ref, self._requirements(), self._alert_callback())
         except LatchRefused as exc:
-            # Nothing of the connection may go out: block it (the engine released its pin).
-            from ipsecchan.latch.enforce import apply
-            from ipsecchan.latch.machine import Block
-            apply(self, Block(exc.cause))
             ips.refused = True
             exc.errno = _errno.ECONNREFUSED
             raise
@@ -289,8 +286,8 @@ class socket(_std.socket):
         if self._latchable() and ips.handle is None and not _is_loopback(
                 self.getsockname()[0]):
             ips.ref = _runtime.LatchedFd(self)
-            ips.handle = _runtime.get().latcher.listen(ips.ref, self._requirements(),
-                                                       self._alert_callback())
+            ips.handle = _runtime.get().listen(ips.ref, self._requirements(),
+                                               self._alert_callback())
 
     def accept(self):
         while True:
@@ -316,7 +313,7 @@ class socket(_std.socket):
         if lh is None or not self._latchable() or _is_loopback(self.getpeername()[0]):
             return
         ref = _runtime.LatchedFd(self)
-        ips.handle = _runtime.get().latcher.accept(lh, ref, self._alert_callback())
+        ips.handle = _runtime.get().accept(lh, ref, self._alert_callback())
         ips.ref = ref
 
     # -- closing --
@@ -326,7 +323,7 @@ class socket(_std.socket):
             return
         handle, ips.handle = ips.handle, None
         try:
-            _runtime.get().latcher.release(handle)
+            _runtime.get().release(handle)
         except OSError as exc:
             _log.warning("releasing a latch: %s", exc)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import itertools
+import os
 import re
 import secrets
 import signal
@@ -610,6 +611,57 @@ class Lab:
                  if f == self.prefix]
         return left
 
+    def broker_socket(self, name: str) -> str:
+        """Where `start_broker(name)` has the host's broker listen (IPSECCHAN_BROKER)."""
+        return f"{self.kernel.state_dir}/{self.dir}/brokers/{self.host(name).name}.sock"
+
+    def start_broker(self, name: str, *args: str) -> Process:
+        """`ipsecchan daemon` on the host (its charon's identities), reachable by any user;
+        returns once it listens."""
+        path = self.broker_socket(name)
+        self.run(None, ["mkdir", "-p", os.path.dirname(path)], check=True)
+        self.run(None, ["chmod", "755", os.path.dirname(os.path.dirname(path)),
+                        os.path.dirname(path)], check=True)
+        proc = self.spawn(name, [self.kernel.python, "-m", "ipsecchan.broker.server",
+                                 "--socket", path, "-v", *args],
+                          env={"IPSECCHAN_VICI": self.vici_socket(name)})
+        deadline = time.monotonic() + 15
+        while b"listening on" not in proc.output().stdout:
+            if not proc.running() or time.monotonic() > deadline:
+                out = proc.stop()
+                raise LabError(f"the broker on {name} did not start: "
+                               f"{out.stderr.decode(errors='replace')[-1000:]}")
+            time.sleep(0.05)
+        return proc
+
+    def unprivileged(self, argv: list[str], uid: int = 65534, gid: int = 65534) -> list[str]:
+        """`argv` (a Python command: argv[0] is the lab's interpreter) run as an unprivileged
+        user with no capabilities at all. The interpreter may live where that user cannot
+        enter (under /root): then its installation is bind-mounted into this lab's folder,
+        and the command runs it from there."""
+        python = argv[0]
+        if python == self.kernel.python:
+            python = self._reachable_python(uid, gid)
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all", "--", python, *argv[1:]]
+
+    def _reachable_python(self, uid: int, gid: int) -> str:
+        if getattr(self, "_pyroot", None):
+            return self._pyroot
+        probe = self.run(None, ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+                                "--clear-groups", self.kernel.python, "-c", "0"])
+        if probe.rc == 0:
+            return self.kernel.python
+        prefix = self.run(None, [self.kernel.python, "-c", "import sys; print(sys.prefix)"],
+                          check=True).text.strip()
+        mnt = f"{self.kernel.state_dir}/{self.dir}/pyroot"
+        self.run(None, ["mkdir", "-p", mnt], check=True)
+        self.run(None, ["mount", "--bind", "-o", "ro", prefix, mnt], check=True)
+        self.run(None, ["chmod", "755", f"{self.kernel.state_dir}/{self.dir}"], check=True)
+        rel = os.path.relpath(self.kernel.python, prefix)
+        self._pyroot = f"{mnt}/{rel}"
+        return self._pyroot
+
     def close(self) -> None:
         """Stop every process, delete every namespace and file of this lab, then check."""
         if self._closed or not self.kernel.alive:
@@ -623,6 +675,10 @@ class Lab:
                 self.kernel.call("forget", handle=proc.handle)
             except Exception as exc:   # keep tearing down; report at the end
                 errors.append(f"stopping {' '.join(proc.argv)}: {exc}")
+        if getattr(self, "_pyroot", None):
+            r = self.run(None, ["umount", f"{self.kernel.state_dir}/{self.dir}/pyroot"])
+            if r.rc != 0:
+                errors.append(f"unmounting the interpreter: {r.stderr.decode(errors='replace')}")
         for ns in self.namespaces():
             # Anything still inside (a process started by hand in the namespace) is killed.
             pids = self.run(None, ["ip", "netns", "pids", ns]).text.split()

@@ -1,0 +1,263 @@
+"""The client side of the broker: latching through `ipsecchan daemon`, for processes without
+CAP_NET_ADMIN. Same interface as the in-process runtime (latch, listen, accept, release), so
+ipsecchan.socket behaves the same either way.
+
+A reader thread takes the broker's replies and pushed alerts. If the broker goes away, every
+latch is reported BROKEN (not-verified) at once — never kept as if nothing happened — and the
+client reconnects in the background; on reconnecting it latches its live sockets again, each
+coming back ESTABLISHED only if the broker confirms the same peer and protection.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+
+from ipsecchan.broker import protocol
+from ipsecchan.latch.machine import (Alert, Cause, LatchParams, LatchRefused, LatchState,
+                                     Requirements)
+
+log = logging.getLogger("ipsecchan")
+REQUEST_TIMEOUT = 30.0
+RECONNECT_EVERY = 0.5
+
+
+class BrokerUnavailable(ConnectionError):
+    pass
+
+
+class RemoteLatch:
+    """The broker's latch, as the client last heard of it (machine.Latch's read side)."""
+    __slots__ = ("state", "cause", "detail", "params", "history")
+
+    def __init__(self):
+        self.state = LatchState.LATCHING
+        self.cause: Cause | None = None
+        self.detail = ""
+        self.params: LatchParams | None = None
+        self.history: list = []
+
+    def update(self, d: dict) -> None:
+        self.state = LatchState(d["state"])
+        self.cause = Cause(d["cause"]) if d.get("cause") else None
+        self.detail = d.get("detail") or ""
+        if d.get("params") is not None or self.params is None:
+            self.params = protocol.params_of(d.get("params"))
+
+
+class RemoteHandle:
+    __slots__ = ("id", "remote_id", "sock", "flow", "latch", "on_alert", "listener", "op",
+                 "requirements", "__weakref__")
+
+    def __init__(self, sock, op: str, requirements: Requirements, on_alert, listener=None):
+        self.id = None
+        self.remote_id = None
+        self.sock = sock
+        self.flow = None
+        self.latch = RemoteLatch()
+        self.on_alert = on_alert
+        self.listener = listener
+        self.op, self.requirements = op, requirements
+
+    @property
+    def state(self) -> LatchState:
+        return self.latch.state
+
+
+def _request(req: Requirements) -> dict:
+    return {"policy": req.policy.value, "peer_id": req.peer_id}
+
+
+class BrokerClient:
+    def __init__(self, path: str):
+        self.path = path
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._replies: dict[int, dict] = {}
+        self._cond = threading.Condition(self._lock)
+        self._handles: dict[int, RemoteHandle] = {}          # by the broker's latch id
+        self._all: "weakref.WeakSet[RemoteHandle]" = weakref.WeakSet()
+        self._conn: socket.socket | None = None
+        self._closed = False
+        self._connect()
+        self._thread = threading.Thread(target=self._run, name="ipsecchan-broker",
+                                        daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(self.path)
+        except OSError as exc:
+            s.close()
+            raise BrokerUnavailable(exc.errno, f"ipsecchan broker at {self.path}: "
+                                               f"{exc.strerror}") from None
+        self._conn = s
+
+    # -- requests --
+    def _call(self, msg: dict, fd: int | None = None) -> dict:
+        rid = next(self._ids)
+        msg["id"] = rid
+        with self._cond:
+            conn = self._conn
+            if conn is None:
+                raise BrokerUnavailable(errno.ECONNREFUSED, "the ipsecchan broker is gone")
+            protocol.send(conn, msg, fd)
+            end = time.monotonic() + REQUEST_TIMEOUT
+            while rid not in self._replies:
+                if self._conn is not conn:
+                    raise BrokerUnavailable(errno.ECONNRESET, "the ipsecchan broker went away")
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise BrokerUnavailable(errno.ETIMEDOUT, "the ipsecchan broker is not "
+                                                             "answering")
+                self._cond.wait(left)
+            return self._replies.pop(rid)
+
+    def _latch_request(self, handle: RemoteHandle, fd: int, extra: dict) -> RemoteHandle:
+        reply = self._call({"op": handle.op, "fd": fd, **extra}, fd)
+        if not reply.get("ok"):
+            cause = reply.get("cause")
+            if cause:
+                raise LatchRefused(Cause(cause), reply.get("error", ""))
+            code = reply.get("errno")
+            raise OSError(code or errno.EIO, f"ipsecchan broker: {reply.get('error')}")
+        d = reply["latch"]
+        with self._lock:
+            handle.remote_id = d["id"]
+            handle.id = handle.id or d["id"]
+            handle.flow = protocol.flow_of(d.get("flow"))
+            handle.latch.update(d)
+            self._handles[d["id"]] = handle
+            self._all.add(handle)
+        return handle
+
+    def latch(self, sock, requirements: Requirements = Requirements(), on_alert=None):
+        h = RemoteHandle(sock, "latch", requirements, on_alert)
+        return self._latch_request(h, sock.fileno(), _request(requirements))
+
+    def listen(self, sock, requirements: Requirements = Requirements(), on_alert=None):
+        h = RemoteHandle(sock, "listen", requirements, on_alert)
+        return self._latch_request(h, sock.fileno(), _request(requirements))
+
+    def accept(self, listener: RemoteHandle, sock, on_alert=None):
+        h = RemoteHandle(sock, "accept", listener.requirements, on_alert, listener)
+        return self._latch_request(h, sock.fileno(), {"listener": listener.remote_id})
+
+    def release(self, handle: RemoteHandle) -> None:
+        with self._lock:
+            self._handles.pop(handle.remote_id, None)
+            self._all.discard(handle)
+        old = handle.latch.state
+        handle.latch.state = LatchState.CLOSED
+        if handle.remote_id is not None:
+            try:
+                self._call({"op": "release", "latch": handle.remote_id})
+            except (BrokerUnavailable, OSError):
+                pass        # the broker released it when this client's session ended
+        if old is not LatchState.CLOSED and handle.on_alert is not None:
+            handle.on_alert(handle, Alert(old, LatchState.CLOSED))
+
+    def close(self) -> None:
+        self._closed = True
+        with self._cond:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._cond.notify_all()
+
+    # -- the reader --
+    def _run(self) -> None:
+        while not self._closed:
+            conn = self._conn
+            if conn is None:
+                self._reconnect()
+                continue
+            try:
+                msg, fds = protocol.recv(conn)
+            except protocol.ProtocolError as exc:
+                log.warning("bad message from the broker: %s", exc)
+                continue
+            except OSError:
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                self._lost()
+                continue
+            if "event" in msg:
+                self._event(msg)
+            else:
+                with self._cond:
+                    self._replies[msg.get("id")] = msg
+                    self._cond.notify_all()
+
+    def _event(self, msg: dict) -> None:
+        d = msg["latch"]
+        with self._lock:
+            handle = self._handles.get(d["id"])
+        if handle is None:
+            return
+        handle.latch.update(d)
+        alert = Alert(LatchState(msg["old"]), LatchState(msg["new"]),
+                      Cause(msg["cause"]) if msg.get("cause") else None,
+                      msg.get("detail") or "", bool(msg.get("rekeyed")))
+        handle.latch.history.append((alert.old, alert.new, alert.cause))
+        if handle.on_alert is not None:
+            handle.on_alert(handle, alert)
+
+    def _lost(self) -> None:
+        """The broker is gone: nothing it said can be relied on any more (fail closed)."""
+        with self._cond:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            self._handles.clear()
+            handles = list(self._all)
+            self._cond.notify_all()
+        log.warning("the ipsecchan broker went away: %d latches not verified", len(handles))
+        for h in handles:
+            self._set(h, LatchState.BROKEN, Cause.NOT_VERIFIED, "the broker went away")
+
+    @staticmethod
+    def _set(h: RemoteHandle, state: LatchState, cause, detail: str) -> None:
+        old = h.latch.state
+        if old in (LatchState.CLOSED, LatchState.LISTENER) and state is LatchState.BROKEN:
+            return
+        h.latch.state, h.latch.cause, h.latch.detail = state, cause, detail
+        if old is not state and h.on_alert is not None:
+            h.on_alert(h, Alert(old, state, cause, detail))
+
+    def _reconnect(self) -> None:
+        time.sleep(RECONNECT_EVERY)
+        try:
+            self._connect()
+        except BrokerUnavailable:
+            return
+        # Latch every live socket again, from the reader's side of a fresh session: replies
+        # arrive through a short-lived helper thread reading meanwhile.
+        threading.Thread(target=self._relatch, name="ipsecchan-relatch", daemon=True).start()
+
+    def _relatch(self) -> None:
+        for h in list(self._all):
+            if h.latch.state is LatchState.CLOSED:
+                continue
+            fd = h.sock.fileno() if h.sock is not None else -1
+            if fd < 0:
+                continue
+            if h.op == "accept":
+                h.op = "latch"      # its listener's id died with the old session
+            try:
+                old = h.latch.state
+                self._latch_request(h, fd, _request(h.requirements))
+                if old is not h.latch.state and h.on_alert is not None:
+                    h.on_alert(h, Alert(old, h.latch.state, None, "broker back"))
+            except LatchRefused as exc:
+                self._set(h, LatchState.BROKEN, exc.cause, str(exc))
+            except OSError as exc:
+                log.warning("latching again after the broker came back: %s", exc)

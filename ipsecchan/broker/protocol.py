@@ -1,0 +1,152 @@
+"""The broker's wire: JSON messages on a Unix SOCK_SEQPACKET socket, a socket passed along
+with SCM_RIGHTS where an operation takes one.
+
+SEQPACKET keeps message boundaries (no framing to get wrong) and carries each descriptor with
+the message it belongs to. A message is one UTF-8 JSON object of at most MAX_MESSAGE bytes.
+
+Client -> broker (each request has an "id" the reply repeats):
+
+    {"op": "latch",  "id": n, "policy": "require"|"optional", "peer_id": str|null} + fd
+    {"op": "listen", "id": n, "policy": ..., "peer_id": ...}                        + fd
+    {"op": "accept", "id": n, "listener": L}                                         + fd
+    {"op": "release", "id": n, "latch": L}
+    {"op": "list", "id": n}         operators only (root, or allowed by the broker's config)
+
+Broker -> client:
+
+    {"id": n, "ok": true, "latch": LATCH}
+    {"id": n, "ok": false, "error": "...", "errno": e|null, "cause": c|null}
+    {"event": "alert", "latch": LATCH, "old": s, "new": s, "cause": c|null, "detail": "...",
+     "rekeyed": bool}                pushed to the client that owns the latch, and only to it
+
+LATCH: {"id", "role": connector|listener|accepted, "state", "cause", "detail", "flow": null |
+{"family", "proto", "local", "local_port", "remote", "remote_port"}, "params": null | PARAMS}
+PARAMS: {"protected", "local": PARTY|null, "peer": PARTY|null, "protection": [PROT...],
+"reqids": [...], "out_sas": [SAF...], "in_sas": [SAF...]}, PARTY {"id", "pubkey_sha256",
+"auth"}, PROT: the fields of latch.protection.Protection, SAF {"key": [family, dst, proto,
+spi], "reqid", "protection": PROT, "src"}.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import asdict
+
+from ipsecchan.latch.machine import LatchParams, Party, SAFacts
+from ipsecchan.latch.protection import Protection
+from ipsecchan.xfrm.lookup import Flow
+
+MAX_MESSAGE = 64 * 1024
+DEFAULT_PATH = "/run/ipsecchan/broker.sock"
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def send(sock: socket.socket, msg: dict, fd: int | None = None) -> None:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    if fd is None:
+        sock.send(data)
+    else:
+        socket.send_fds(sock, [data], [fd])
+
+
+def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    """One message and the descriptors that came with it; (None, []) at end of stream.
+    Raises ProtocolError for a truncated or malformed message (its descriptors closed)."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, 4)
+    if not data and not fds:
+        return None, []
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_MESSAGE:
+            raise ProtocolError("message too long, or too many descriptors")
+        try:
+            msg = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"not JSON: {exc}") from None
+        if not isinstance(msg, dict):
+            raise ProtocolError("a message must be a JSON object")
+        return msg, fds
+    except ProtocolError:
+        for fd in fds:
+            _close(fd)
+        raise
+
+
+def _close(fd: int) -> None:
+    import os
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# ---- latches as JSON and back ----
+
+def _party(p: Party | None) -> dict | None:
+    return None if p is None else {"id": p.id, "pubkey_sha256": p.pubkey_sha256, "auth": p.auth}
+
+
+def _saf(s: SAFacts) -> dict:
+    return {"key": list(s.key), "reqid": s.reqid, "protection": asdict(s.protection),
+            "src": s.src, "local": _party(s.local), "peer": _party(s.peer)}
+
+
+def params_json(p: LatchParams | None) -> dict | None:
+    if p is None:
+        return None
+    return {"protected": p.protected, "local": _party(p.local), "peer": _party(p.peer),
+            "protection": [asdict(x) for x in p.protection], "reqids": list(p.reqids),
+            "out_sas": [_saf(s) for s in p.out_sas], "in_sas": [_saf(s) for s in p.in_sas]}
+
+
+def flow_json(f: Flow | None) -> dict | None:
+    if f is None:
+        return None
+    return {"family": f.family, "proto": f.proto, "local": f.local, "local_port": f.local_port,
+            "remote": f.remote, "remote_port": f.remote_port, "mark": f.mark}
+
+
+def latch_json(handle) -> dict:
+    latch = handle.latch
+    role = "listener" if handle.flow is None else (
+        "accepted" if handle.listener is not None else "connector")
+    return {"id": handle.id, "role": role, "state": latch.state.value,
+            "cause": latch.cause.value if latch.cause else None, "detail": latch.detail,
+            "flow": flow_json(handle.flow), "params": params_json(latch.params)}
+
+
+def _party_of(d: dict | None) -> Party | None:
+    if d is None:
+        return None
+    return Party(str(d["id"]), d.get("pubkey_sha256"), str(d.get("auth", "unknown")))
+
+
+def _prot_of(d: dict) -> Protection:
+    return Protection(**d)
+
+
+def params_of(d: dict | None) -> LatchParams | None:
+    """LatchParams from params_json (on the client side of the broker)."""
+    if d is None:
+        return None
+
+    def saf(x):
+        k = x["key"]
+        return SAFacts((int(k[0]), str(k[1]), str(k[2]), int(k[3])), int(x["reqid"]),
+                       _prot_of(x["protection"]), _party_of(x.get("local")),
+                       _party_of(x.get("peer")), str(x.get("src", "")))
+    return LatchParams(bool(d["protected"]), _party_of(d["local"]), _party_of(d["peer"]),
+                       tuple(_prot_of(x) for x in d["protection"]),
+                       tuple(int(r) for r in d["reqids"]),
+                       tuple(saf(x) for x in d["out_sas"]), tuple(saf(x) for x in d["in_sas"]))
+
+
+def flow_of(d: dict | None) -> Flow | None:
+    if d is None:
+        return None
+    return Flow(int(d["family"]), int(d["proto"]), str(d["local"]), int(d["local_port"]),
+                str(d["remote"]), int(d["remote_port"]), int(d.get("mark", 0)))
