@@ -1,4 +1,4 @@
-"""Command line: `ipsecchan lab ...`, `ipsecchan ss` (and, later, `watch`)."""
+"""Command line: `ipsecchan lab ...`, `ipsecchan ss`, `ipsecchan watch`."""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--auth", choices=("cert", "rpk", "psk"), default="cert")
     demo.add_argument("--family", type=int, choices=(4, 6), default=4)
     lab.set_defaults(func=_lab)
-    from ipsecchan import ss
+    from ipsecchan import ss, watch
     ss.add_parser(sub)
+    watch.add_parser(sub)
     opts = ap.parse_args(argv)
     return opts.func(opts)
 

@@ -42,6 +42,13 @@ JSON (`--json`): an array, one object per socket, with these keys:
       SA         {"spi" (int), "spi_hex" ("0x%08x"), "proto" (esp|ah|comp), "mode", "src",
                   "dst", "reqid", "algorithms": [{"kind", "name", "key_bits", "salt_bits",
                   "icv_bits", "text"}]}
+    latch        the socket's RFC 5660 latch, from the status service of the process that
+                 latched it (ipsecchan.latch.status, joined by inode): null when no service
+                 reports one; else the service's latch object ("id", "role", "state",
+                 "cause", "detail", "flow", "local", "peer", "protection", "out_spis",
+                 "in_spis", ...); {"state": "UNKNOWN", "reason"} when the service of a
+                 process holding the socket could not be read, or a service claims a socket
+                 its process does not hold
 
 Algorithm notation (`text`, and the human table): NAME:KEY[+SALT][/ICV] in bits, e.g.
 `rfc4106(gcm(aes)):256+32/128` (AES-256-GCM, 32-bit salt, 128-bit ICV), `cbc(aes):128`,
@@ -351,6 +358,65 @@ def sock_dict(sock: Sock, index, identities=None) -> dict:
             "ipsec": None if flow is None else ipsec_dict(index.lookup(flow), identities)}
 
 
+# ---- latches ----
+
+@dataclass
+class Latches:
+    """What the latch status services say: latch objects by socket inode (with the pid of
+    the service that reported each), and the processes whose service could not be read."""
+    by_inode: dict[int, tuple[int | None, dict]] = field(default_factory=dict)
+    unreadable: dict[int, str] = field(default_factory=dict)     # pid -> why
+    everything_unknown: str | None = None      # the services could not even be listed
+    errors: list[str] = field(default_factory=list)              # for stderr
+
+
+def read_latches() -> Latches:
+    from ipsecchan.latch import status
+    out = Latches()
+    try:
+        replies = status.query_all("list")
+    except OSError as exc:
+        out.everything_unknown = f"the latch status services cannot be listed: {exc}"
+        out.errors.append(out.everything_unknown)
+        return out
+    for r in replies:
+        pid = r.pid if r.pid is not None else r.server.pid
+        latches = r.reply.get("latches") if r.reply is not None else None
+        why = r.error if r.error is not None else (
+            None if isinstance(latches, list) else "answer without a list of latches")
+        if why is not None:
+            if pid is not None:
+                out.unreadable[pid] = why
+            out.errors.append(f"latches of pid {pid} unknown: @{r.server.name}: {why}")
+            continue
+        for latch in latches:
+            if isinstance(latch, dict) and isinstance(latch.get("inode"), int):
+                out.by_inode[latch["inode"]] = (r.pid, latch)
+    return out
+
+
+def latch_of(row: dict, latches: Latches) -> dict | None:
+    """The latch ss shows for a row. None only when every process holding the socket
+    answered and none reported a latch on it: never "no latch" for "could not tell"."""
+    if latches.everything_unknown:
+        return {"state": "UNKNOWN", "reason": latches.everything_unknown}
+    pids = {u["pid"] for u in row["users"]}
+    unread = sorted(pids & set(latches.unreadable))
+    if unread:
+        return {"state": "UNKNOWN", "reason": f"the status service of pid {unread[0]}: "
+                                              f"{latches.unreadable[unread[0]]}"}
+    hit = latches.by_inode.get(row["inode"]) if row["inode"] else None
+    if hit is None:
+        return None
+    pid, latch = hit
+    if pid not in pids:
+        # Abstract socket names are anyone's to take: a latch counts only from a process
+        # that holds the socket.
+        return {"state": "UNKNOWN",
+                "reason": f"pid {pid} reports a latch on a socket it does not hold"}
+    return latch
+
+
 # ---- selection ----
 
 def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -449,12 +515,23 @@ def table_row(r: dict, numeric: bool) -> list[str]:
         algs = ",".join(dict.fromkeys(a["text"] for s in sas for a in s["algorithms"])) or "-"
         row += [v["status"], _peer_text(v.get("identity")), out_txt, in_txt, modes, algs,
                 _policy_text(v)]
+    row.insert(6, _latch_text(r.get("latch")))
     row.append(f"users:({users})" if users else "")
     return row
 
 
 HEADER = ["Netid", "State", "Local Address:Port", "Peer Address:Port", "IPsec", "Peer-ID",
-          "Out-SA", "In-SA", "Mode", "Algorithms", "Policy", "Process"]
+          "Latch", "Out-SA", "In-SA", "Mode", "Algorithms", "Policy", "Process"]
+
+
+def _latch_text(latch: dict | None) -> str:
+    if latch is None:
+        return "-"
+    if latch["state"] == "UNKNOWN":
+        return "unknown"
+    if latch["state"] == "BROKEN" and latch.get("cause"):
+        return f"BROKEN({latch['cause']})"
+    return latch["state"]
 
 
 def _peer_text(ident: dict | None) -> str:
@@ -478,7 +555,10 @@ def format_table(rows: list[dict], numeric: bool = False) -> str:
 EPILOG = f"""\
 Columns: IPsec is protected | unprotected | partial | no-sa | blocked (meanings under
 --json below). Peer-ID is the IKE identity behind the outbound SA ("(key)" when a public key
-authenticated it), or unknown / unavailable. Out-SA is the SA (proto:SPI) outbound packets take, In-SA the SAs accepted
+authenticated it), or unknown / unavailable. Latch is the socket's latch as the latching
+process's status service reports it: LISTENER, LATCHING, ESTABLISHED, BROKEN(cause); "-"
+when no service reports one; "unknown" when the service of a process holding the socket
+could not be read (said on stderr). Out-SA is the SA (proto:SPI) outbound packets take, In-SA the SAs accepted
 inbound (",clear" when cleartext is accepted too); when there is none, the verdict: no-policy,
 bypass, block or no-sa. Algorithms: NAME:KEY[+SALT][/ICV] in bits, e.g.
 rfc4106(gcm(aes)):256+32/128. Policy: DIR#INDEX(PRIORITY) of the main-SPD policy applied in
@@ -532,19 +612,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def collect(opts, index=None) -> list[dict]:
-    """The selected rows; the index is built from a fresh dump unless given."""
+def collect(opts, index=None, latches: Latches | None = None) -> list[dict]:
+    """The selected rows; the index is built from a fresh dump and the latches are read
+    from the status services unless given."""
     protos = [p for p, on in (("tcp", opts.tcp), ("udp", opts.udp)) if on] or ["tcp", "udp"]
     families = [f for f, on in ((4, opts.ipv4), (6, opts.ipv6)) if on] or [4, 6]
     if index is None:
         index, _n = read_kernel_view()
     socks = list_sockets(protos, families, states_for(opts))
+    if latches is None:
+        latches = read_latches()
     identities = None
     if not getattr(opts, "no_ike", True):
         from ipsecchan.ike.strongswan import StrongSwanSource
         identities = StrongSwanSource(opts.vici, follow=False)
     try:
-        return select([sock_dict(s, index, identities) for s in socks], opts)
+        rows = [sock_dict(s, index, identities) for s in socks]
+        for row in rows:
+            row["latch"] = latch_of(row, latches)
+        return select(rows, opts)
     finally:
         if identities is not None:
             identities.close()
@@ -561,11 +647,14 @@ def run(opts) -> int:
         print(f"ipsecchan ss: cannot read the kernel's IPsec state (SAD/SPD): {why}{hint}",
               file=sys.stderr)
         return 2
+    latches = read_latches()
     try:
-        rows = collect(opts, index)
+        rows = collect(opts, index, latches)
     except OSError as exc:
         print(f"ipsecchan ss: cannot read the socket table: {exc}", file=sys.stderr)
         return 2
+    for err in latches.errors:
+        print(f"ipsecchan ss: {err}", file=sys.stderr)
     if n_socket_policies and any(r["ipsec"] for r in rows):
         print(f"ipsecchan ss: note: {n_socket_policies} per-socket polic"
               f"{'y' if n_socket_policies == 1 else 'ies'} in the SPD cannot be tied to "

@@ -79,6 +79,8 @@ def test_ss_shows_the_child_sa_of_each_connection(lab, family):
     assert v["out"]["policy"]["dir"] == "out" and v["in"]["policy"]["dir"] == "in"
     # charon's IKE sockets hold per-socket policies we cannot attribute: said on stderr.
     assert b"per-socket polic" in r.stderr
+    # No process here latches (tests/test_lab_watch.py has one that does).
+    assert all(x["latch"] is None for x in rows) and b"latches of pid" not in r.stderr
 
     # The connected UDP socket to bob is covered by the same host-to-host CHILD_SA.
     (u,) = [x for x in rows if x["proto"] == "udp" and x["local_port"] == udp_port]
