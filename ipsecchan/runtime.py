@@ -25,6 +25,7 @@ from ipsecchan.ike import ChainSource, StaticSource, StrongSwanSource
 from ipsecchan.latch.engine import Latcher
 from ipsecchan.latch.enforce import apply
 from ipsecchan.latch.machine import Block, LatchRefused
+from ipsecchan.xfrm import clear_socket_policies
 
 log = logging.getLogger("ipsecchan")
 
@@ -144,6 +145,10 @@ class Runtime:
 
     def release(self, handle) -> None:
         self.latcher.release(handle)
+
+    def abort(self, sock) -> None:
+        """Clear the block on a socket whose latch was refused (it is about to be reset)."""
+        clear_socket_policies(sock)
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + SWEEP_EVERY

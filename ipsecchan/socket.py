@@ -338,14 +338,14 @@ class socket(_std.socket):
 
     def _abort(self) -> None:
         # A refused connection is reset, not closed: a FIN would wait behind the block
-        # policy, retransmitted for minutes. The reset carries no application byte.
-        from ipsecchan.xfrm import clear_socket_policies
+        # policy, retransmitted for minutes, and the peer with it. The block is lifted just
+        # before (the reset carries no application byte).
         try:
             if self.type & 0xF == SOCK_STREAM:
                 self.setsockopt(SOL_SOCKET, SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            clear_socket_policies(self)
-        except OSError:
-            pass
+            _runtime.get().abort(self)
+        except OSError as exc:
+            _log.warning("resetting a refused connection: %s", exc)
 
     def detach(self):
         ips = self._ipsec

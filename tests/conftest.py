@@ -51,3 +51,37 @@ def pytest_sessionfinish(session, exitstatus):
     if IN_CI and skipped and session.exitstatus == 0:
         reporter.write_line(f"CI=true: {skipped} test(s) skipped; under CI none may be", red=True)
         session.exitstatus = 1
+
+
+class DropIn:
+    """Runs programs that use ipsecchan.socket on lab hosts, in one of the two modes the
+    socket module has: in-process (root, CAP_NET_ADMIN) or through the host's broker (as
+    nobody, with no capabilities at all). Tests written against it run in both."""
+
+    def __init__(self, lab, mode: str):
+        self.lab, self.mode = lab, mode
+        self.brokers = {}
+
+    def env(self, host: str) -> dict:
+        if self.mode == "inprocess":
+            return {"IPSECCHAN_MODE": "inprocess", "IPSECCHAN_VICI": self.lab.vici_socket(host)}
+        if host not in self.brokers:        # after the host's IKE is configured
+            self.brokers[host] = self.lab.start_broker(host)
+        return {"IPSECCHAN_MODE": "broker", "IPSECCHAN_BROKER": self.lab.broker_socket(host)}
+
+    def argv(self, argv: list) -> list:
+        return self.lab.unprivileged(argv) if self.mode == "broker" else argv
+
+    def run(self, host: str, argv: list, **kw):
+        return self.lab.run(host, self.argv(argv), env=self.env(host), **kw)
+
+    def python(self, host: str, code: str, *args: str, **kw):
+        return self.run(host, [self.lab.kernel.python, "-c", code, *args], **kw)
+
+    def spawn(self, host: str, argv: list):
+        return self.lab.spawn(host, self.argv(argv), env=self.env(host))
+
+
+@pytest.fixture(params=["inprocess", "broker"])
+def dropin(lab, request):
+    return DropIn(lab, request.param)

@@ -45,7 +45,7 @@ print(json.dumps(r))
 """
 
 
-def test_require_peer_id_refuses_before_any_byte(lab):
+def test_require_peer_id_refuses_before_any_byte(lab, dropin):
     lab.add_host("alice")
     lab.add_host("bob")
     link = lab.ike("alice", "bob", auth="cert")
@@ -55,12 +55,11 @@ def test_require_peer_id_refuses_before_any_byte(lab):
         if ":5000 " in lab.run("bob", ["ss", "-ltn"]).text:
             break
         lab.run("bob", ["sleep", "0.1"])
-    env = {"IPSECCHAN_VICI": lab.vici_socket("alice")}
     runs = []
     for required in ("CN=carol", link.b_id):
         cap = lab.capture("alice")
-        r = json.loads(lab.python("alice", CLIENT, bob, required, env=env, check=True,
-                                  timeout=60).text)
+        r = json.loads(dropin.python("alice", CLIENT, bob, required, check=True,
+                                     timeout=60).text)
         packets = cap.stop()
         big = [p for p in packets if p.src == alice and p.dst == bob and p.length > 1000]
         clear = [p for p in packets if p.proto == 6 and 5000 in (p.sport, p.dport)]

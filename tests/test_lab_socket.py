@@ -2,15 +2,16 @@
 both ends with nothing but the import changed; socket options and accessors agree across the
 two ends; channel bindings are equal at both ends of one channel and differ across channels;
 IPSEC_REQUIRE_PEER_ID refuses a wrong peer before any application byte leaves; a broken latch
-raises on the next send and a restored one carries data again."""
+raises on the next send and a restored one carries data again.
+
+Each test runs twice (the `dropin` fixture): in-process as root, and through the hosts'
+brokers as nobody with no capabilities; privileged steps (flushing SAs, IKE) are the
+harness's."""
 import json
+import time
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _env(lab, host):
-    return {"IPSECCHAN_VICI": lab.vici_socket(host)}
 
 
 def _wait_listening(lab, host, port):
@@ -25,17 +26,29 @@ def _json_lines(text):
     return [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
-def test_echo_examples_latch_both_ends(lab):
+def _lines(proc, n, timeout=30):
+    """Wait until a spawned process has printed n JSON lines (or ended); return them."""
+    end = time.monotonic() + timeout
+    while True:
+        out = proc.output()
+        lines = _json_lines(out.stdout.decode())
+        if len(lines) >= n or out.rc is not None or time.monotonic() > end:
+            assert len(lines) >= n, out.stderr.decode()[-3000:]
+            return lines
+        time.sleep(0.1)
+
+
+def test_echo_examples_latch_both_ends(lab, dropin):
     lab.add_host("alice")
     lab.add_host("bob")
     link = lab.ike("alice", "bob", auth="cert")
     bob = lab.host("bob").addr(4)
-    server = lab.spawn("bob", [lab.kernel.python, str(EXAMPLES / "echo_server.py"), bob,
-                               "5000", "2"], env=_env(lab, "bob"))
+    server = dropin.spawn("bob", [lab.kernel.python, str(EXAMPLES / "echo_server.py"), bob,
+                                  "5000", "2"])
     _wait_listening(lab, "bob", 5000)
-    clients = [json.loads(lab.run("alice", [lab.kernel.python, str(EXAMPLES / "echo_client.py"),
-                                            bob, "5000", msg], env=_env(lab, "alice"),
-                                  check=True, timeout=60).text)
+    clients = [json.loads(dropin.run("alice", [lab.kernel.python,
+                                               str(EXAMPLES / "echo_client.py"), bob, "5000",
+                                               msg], check=True, timeout=60).text)
                for msg in ("first", "second")]
     served = _json_lines(server.wait(30).stdout.decode())[1:]
     for client, srv, msg in zip(clients, served, ("first", "second")):
@@ -76,8 +89,7 @@ while True:
 """
 
 CLIENT = r"""
-import json, subprocess, sys, threading, time
-import socket as std
+import json, sys, time
 from ipsecchan import socket
 BOB = sys.argv[1]
 r = {}
@@ -113,12 +125,13 @@ s.sendall(b"x" * 100)
 got = s.recv(100)
 r["echo"] = len(got)
 
-# A break: the SAs go; the next send raises, a callback heard it.
+# A break: the harness flushes the SAs; the next send raises, a callback heard it.
 heard = []
 s.add_latch_callback(lambda sock, info, alert: heard.append((alert.new.value,
                                                               info.cause)))
-subprocess.run(["ip", "xfrm", "state", "flush"], check=True)
-end = time.monotonic() + 10
+print(json.dumps(r), flush=True)
+r = {}
+end = time.monotonic() + 15
 while time.monotonic() < end and s.latch.state != "BROKEN":
     time.sleep(0.05)
 try:
@@ -129,19 +142,12 @@ except socket.LatchBrokenError as exc:
                         s.getsockopt(socket.SOL_IPSEC, socket.IPSEC_LATCH_STATE),
                         o(socket.IPSEC_LATCH_CAUSE).decode()]
 r["heard"] = list(heard)
-
-# bob's IKE_SA comes back (a fresh one: charon still holds the flushed CHILD_SA otherwise).
-import os, vici
-def session():
-    c = std.socket(std.AF_UNIX)
-    c.connect(os.environ["IPSECCHAN_VICI"])
-    return vici.Session(c)
-list(session().terminate({"ike": sys.argv[2], "timeout": 10000}))
-list(session().initiate({"ike": sys.argv[2], "child": sys.argv[3], "timeout": 10000}))
-end = time.monotonic() + 15
+print(json.dumps(r), flush=True)
+# The harness brings the IKE_SA back (a fresh one).
+end = time.monotonic() + 20
 while time.monotonic() < end and s.latch.state != "ESTABLISHED":
     time.sleep(0.05)
-r["resolved"] = s.latch.state
+r = {"resolved": s.latch.state}
 s.sendall(b"z" * 50)
 r["after"] = len(s.recv(100))
 r["heard_all"] = heard
@@ -150,17 +156,22 @@ print(json.dumps(r), flush=True)
 """
 
 
-def test_socket_options_break_and_resolve(lab):
+def test_socket_options_break_and_resolve(lab, dropin):
     lab.add_host("alice")
     lab.add_host("bob")
     link = lab.ike("alice", "bob", auth="cert")
     bob = lab.host("bob").addr(4)
-    server = lab.spawn("bob", [lab.kernel.python, "-c", SERVER, bob, "5000"],
-                       env=_env(lab, "bob"))
+    server = dropin.spawn("bob", [lab.kernel.python, "-c", SERVER, bob, "5000"])
     _wait_listening(lab, "bob", 5000)
-    first = json.loads(lab.run("alice", [lab.kernel.python, "-c", CLIENT, bob, link.conn,
-                                         link.child], env=_env(lab, "alice"), check=True,
-                               timeout=120).text)
+    client = dropin.spawn("alice", [lab.kernel.python, "-c", CLIENT, bob])
+    first = _lines(client, 1)[0]
+    lab.run("alice", ["ip", "xfrm", "state", "flush"], check=True)
+    broken = _lines(client, 2)[1]
+    vici = ["--uri", "unix://" + lab.vici_socket("alice")]
+    lab.run("alice", ["swanctl", "--terminate", "--ike", link.conn, *vici])
+    lab.run("alice", ["swanctl", "--initiate", "--child", link.child, *vici], check=True)
+    first.update(broken)
+    first.update(_lines(client, 3)[2])
     child = lab.child_sas("bob", link.conn)
     o = first["options"]
     assert o["state"] == 3 and o["policy"] == 1          # ESTABLISHED, require
@@ -234,7 +245,7 @@ while True:
 """
 
 
-def test_optional_policy_latches_to_cleartext_knowingly(lab):
+def test_optional_policy_latches_to_cleartext_knowingly(lab, dropin):
     # No IKE anywhere: carol is reached in clear. REQUIRE refuses; OPTIONAL (RFC 5660 3.1)
     # latches to cleartext and says so.
     lab.add_host("alice")
@@ -242,8 +253,7 @@ def test_optional_policy_latches_to_cleartext_knowingly(lab):
     carol = lab.host("carol").addr(4)
     server = lab.spawn("carol", [lab.kernel.python, "-c", PLAIN_ECHO, carol])
     _wait_listening(lab, "carol", 5000)
-    r = json.loads(lab.python("alice", OPTIONAL, carol, env={"IPSECCHAN_VICI": "/run/none"},
-                              check=True, timeout=60).text)
+    r = json.loads(dropin.python("alice", OPTIONAL, carol, check=True, timeout=60).text)
     server.stop()
     assert r["require"] == "cleartext"
     o = r["optional"]
@@ -254,7 +264,7 @@ def test_optional_policy_latches_to_cleartext_knowingly(lab):
 
 
 ASYNC_BREAK = r"""
-import asyncio, json, subprocess, sys, time
+import asyncio, json, sys, time
 from ipsecchan import socket
 BOB = sys.argv[1]
 
@@ -265,8 +275,8 @@ async def main():
     writer.write(b"before\n")
     await writer.drain()
     r = {"before": (await reader.readline()).decode()}
-    subprocess.run(["ip", "xfrm", "state", "flush"], check=True)
-    end = time.monotonic() + 10
+    print("flush", flush=True)        # the harness flushes the SAs
+    end = time.monotonic() + 15
     while time.monotonic() < end and s.latch.state != "BROKEN":
         await asyncio.sleep(0.05)
     r["state"] = s.latch.state
@@ -288,15 +298,19 @@ asyncio.run(main())
 """
 
 
-def test_asyncio_transport_ends_with_latch_broken(lab):
+def test_asyncio_transport_ends_with_latch_broken(lab, dropin):
     lab.add_host("alice")
     lab.add_host("bob")
     lab.ike("alice", "bob", auth="cert")
     bob = lab.host("bob").addr(4)
     server = lab.spawn("bob", [lab.kernel.python, "-c", PLAIN_ECHO, bob])
     _wait_listening(lab, "bob", 5000)
-    r = json.loads(lab.python("alice", ASYNC_BREAK, bob, env=_env(lab, "alice"), check=True,
-                              timeout=60).text)
+    client = dropin.spawn("alice", [lab.kernel.python, "-c", ASYNC_BREAK, bob])
+    end = time.monotonic() + 30
+    while b"flush" not in client.output().stdout and time.monotonic() < end:
+        time.sleep(0.1)
+    lab.run("alice", ["ip", "xfrm", "state", "flush"], check=True)
+    r = json.loads(client.wait(30).stdout.decode().splitlines()[-1])
     server.stop()
     assert r["before"] == "before\n" and r["state"] == "BROKEN"
     assert r["reader"] == ["LatchBrokenError", "no-sa"] and r["closing"] is True
@@ -324,7 +338,7 @@ except OSError as exc:
 """
 
 
-def test_accept_never_returns_a_connection_it_cannot_latch(lab):
+def test_accept_never_returns_a_connection_it_cannot_latch(lab, dropin):
     # carol reaches bob over a manually keyed SA that no identity source names: bob's
     # listener refuses it (identity-unknown) inside accept(); alice's IKE connection is the
     # one accept() returns.
@@ -333,11 +347,11 @@ def test_accept_never_returns_a_connection_it_cannot_latch(lab):
     link = lab.ike("alice", "bob", auth="cert")
     lab.static_sa("carol", "bob")
     bob = lab.host("bob").addr(4)
-    server = lab.spawn("bob", [lab.kernel.python, "-c", ACCEPT_ONE, bob], env=_env(lab, "bob"))
+    server = dropin.spawn("bob", [lab.kernel.python, "-c", ACCEPT_ONE, bob])
     _wait_listening(lab, "bob", 5000)
     carol = json.loads(lab.python("carol", TRY_CONNECT, bob, check=True, timeout=30).text)
     alice = json.loads(lab.python("alice", TRY_CONNECT, bob, check=True, timeout=30).text)
-    out = [json.loads(x) for x in server.wait(30).stdout.decode().splitlines()]
+    out = _lines(server, 2)
     assert carol == {"error": "ConnectionResetError"}
     assert alice == {"got": "welcome"}
     assert out[1] == {"peer": lab.host("alice").addr(4), "peer_id": link.a_id}

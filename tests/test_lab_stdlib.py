@@ -104,10 +104,6 @@ print(json.dumps(r))
 """
 
 
-def _env(lab, host):
-    return {"IPSECCHAN_VICI": lab.vici_socket(host)}
-
-
 def _wait_listening(lab, host, *ports):
     for _ in range(150):
         text = lab.run(host, ["ss", "-ltn"]).text
@@ -117,22 +113,20 @@ def _wait_listening(lab, host, *ports):
     raise AssertionError(f"not listening on {host}: {ports}")
 
 
-def test_stdlib_programs_over_latched_sockets(lab):
+def test_stdlib_programs_over_latched_sockets(lab, dropin):
     for h in ("alice", "bob", "carol"):
         lab.add_host(h)
     link = lab.ike("alice", "bob", auth="cert")
     carol_link = lab.ike("carol", "bob", auth="cert")
     bob = lab.host("bob").addr(4)
     py = lab.kernel.python
-    servers = lab.spawn("bob", [py, "-c", SERVERS, bob], env=_env(lab, "bob"))
-    http = lab.spawn("bob", [py, str(EXAMPLES / "peer_authz_http.py"), "serve", bob, "5005",
-                             link.a_id], env=_env(lab, "bob"))
-    aio = lab.spawn("bob", [py, str(EXAMPLES / "asyncio_echo.py"), "serve", bob, "5006"],
-                    env=_env(lab, "bob"))
+    servers = dropin.spawn("bob", [py, "-c", SERVERS, bob])
+    http = dropin.spawn("bob", [py, str(EXAMPLES / "peer_authz_http.py"), "serve", bob,
+                                "5005", link.a_id])
+    aio = dropin.spawn("bob", [py, str(EXAMPLES / "asyncio_echo.py"), "serve", bob, "5006"])
     _wait_listening(lab, "bob", 5001, 5002, 5003, 5004, 5005, 5006)
 
-    r = json.loads(lab.python("alice", CLIENTS, bob, env=_env(lab, "alice"), check=True,
-                              timeout=120).text)
+    r = json.loads(dropin.python("alice", CLIENTS, bob, check=True, timeout=120).text)
     a, b = link.a_id, link.b_id
     assert r["socketserver"] == [f"{a}|socketserver\n", b]
     assert r["xmlrpc"] == a
@@ -141,16 +135,15 @@ def test_stdlib_programs_over_latched_sockets(lab):
     assert r["tls"] == [f"{a}|tls", [b, "ESTABLISHED"], "SSLSocket"]
 
     get = [py, str(EXAMPLES / "peer_authz_http.py"), "get", f"http://{bob}:5005/report"]
-    ok = json.loads(lab.run("alice", get, env=_env(lab, "alice"), check=True).text)
+    ok = json.loads(dropin.run("alice", get, check=True).text)
     assert ok == {"status": 200, "server_id": b,
                   "body": {"peer_id": a, "path": "/report", "authorized": True}}
-    denied = json.loads(lab.run("carol", get, env=_env(lab, "carol"), check=True).text)
+    denied = json.loads(dropin.run("carol", get, check=True).text)
     assert denied["status"] == 403 and denied["body"]["peer_id"] == carol_link.a_id
     assert denied["body"]["authorized"] is False
 
-    echo = json.loads(lab.run("alice", [py, str(EXAMPLES / "asyncio_echo.py"), "client", bob,
-                                        "5006", "hi"], env=_env(lab, "alice"),
-                              check=True).text)
+    echo = json.loads(dropin.run("alice", [py, str(EXAMPLES / "asyncio_echo.py"), "client",
+                                           bob, "5006", "hi"], check=True).text)
     assert echo == {"server_id": b, "reply": f"{a} said hi"}
     for p in (servers, http, aio):
         assert p.running(), p.output().stderr.decode()[-2000:]

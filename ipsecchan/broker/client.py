@@ -149,6 +149,13 @@ class BrokerClient:
         h = RemoteHandle(sock, "accept", listener.requirements, on_alert, listener)
         return self._latch_request(h, sock.fileno(), {"listener": listener.remote_id})
 
+    def abort(self, sock) -> None:
+        """Clear the block on a socket whose latch was refused (it is about to be reset)."""
+        reply = self._call({"op": "abort"}, sock.fileno())
+        if not reply.get("ok"):
+            raise OSError(reply.get("errno") or errno.EIO, f"ipsecchan broker: "
+                                                           f"{reply.get('error')}")
+
     def release(self, handle: RemoteHandle) -> None:
         with self._lock:
             self._handles.pop(handle.remote_id, None)

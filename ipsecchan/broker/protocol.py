@@ -10,6 +10,8 @@ Client -> broker (each request has an "id" the reply repeats):
     {"op": "listen", "id": n, "policy": ..., "peer_id": ...}                        + fd
     {"op": "accept", "id": n, "listener": L}                                         + fd
     {"op": "release", "id": n, "latch": L}
+    {"op": "abort", "id": n}  + fd    clear the block of a socket whose latch was refused,
+                                      before its owner resets it (the reset must get out)
     {"op": "list", "id": n}         operators only (root, or allowed by the broker's config)
 
 Broker -> client:

@@ -39,6 +39,7 @@ from ipsecchan.broker import protocol
 from ipsecchan.latch.enforce import apply
 from ipsecchan.latch.machine import Block, LatchRefused, Policy, Requirements
 from ipsecchan.latch.engine import Latcher
+from ipsecchan.xfrm import clear_socket_policies
 
 log = logging.getLogger("ipsecchan.broker")
 
@@ -199,6 +200,8 @@ def _check_socket(fd: int, want: str) -> tuple[socket.socket, int]:
         if want == "listen":
             if not tcp or state != _TCP_LISTEN:
                 raise RequestError("not a listening TCP socket", errno.EINVAL)
+        elif want == "any":
+            pass
         else:
             try:
                 sock.getpeername()
@@ -361,13 +364,24 @@ class Broker:
     # -- requests --
     def _handle(self, client: Client, msg: dict, fds: list[int]) -> dict:
         op = msg.get("op")
-        takes_fd = op in ("latch", "listen", "accept")
+        takes_fd = op in ("latch", "listen", "accept", "abort")
         if takes_fd != bool(fds):
             for fd in fds:
                 os.close(fd)
             del fds[:]
             raise RequestError(f"{op!r} takes {'one socket' if takes_fd else 'no socket'}",
                                errno.EINVAL)
+        if op == "abort":
+            # A connection whose latch was refused is about to be reset by its owner: clear
+            # the block so that the reset reaches the peer (who would otherwise wait on a
+            # half-dead connection). Only for a socket no latch of this broker holds.
+            sock, ino = _check_socket(fds.pop(0), "any")
+            with sock:
+                if any(getattr(h.sock, "ino", None) == ino
+                       for c in self.clients.values() for h in c.latches.values()):
+                    raise RequestError("the socket is latched: release it", errno.EBUSY)
+                clear_socket_policies(sock)
+            return {"ok": True}
         if op == "release":
             handle = client.latches.get(msg.get("latch"))
             if handle is None:
