@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from ipsecchan import ss, watch
     ss.add_parser(sub)
     watch.add_parser(sub)
+    daemon = sub.add_parser("daemon", help="the broker: latching for processes without "
+                                           "CAP_NET_ADMIN")
+    from ipsecchan.broker import server
+    server.add_arguments(daemon)
+    daemon.set_defaults(func=server.run)
     opts = ap.parse_args(argv)
     return opts.func(opts)
 
