@@ -79,6 +79,7 @@ class BrokerClient:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._replies: dict[int, dict] = {}
+        self._waiting: set[int] = set()         # request ids someone waits for
         self._cond = threading.Condition(self._lock)
         self._handles: dict[int, RemoteHandle] = {}          # by the broker's latch id
         self._all: "weakref.WeakSet[RemoteHandle]" = weakref.WeakSet()
@@ -100,24 +101,32 @@ class BrokerClient:
         self._conn = s
 
     # -- requests --
-    def _call(self, msg: dict, fd: int | None = None) -> dict:
+    def _call(self, msg: dict, fd: int | None = None, wait: bool = True) -> dict | None:
         rid = next(self._ids)
         msg["id"] = rid
         with self._cond:
             conn = self._conn
             if conn is None:
                 raise BrokerUnavailable(errno.ECONNREFUSED, "the ipsecchan broker is gone")
-            protocol.send(conn, msg, fd)
-            end = time.monotonic() + REQUEST_TIMEOUT
-            while rid not in self._replies:
-                if self._conn is not conn:
-                    raise BrokerUnavailable(errno.ECONNRESET, "the ipsecchan broker went away")
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise BrokerUnavailable(errno.ETIMEDOUT, "the ipsecchan broker is not "
-                                                             "answering")
-                self._cond.wait(left)
-            return self._replies.pop(rid)
+            if wait:
+                self._waiting.add(rid)
+            try:
+                protocol.send(conn, msg, fd)
+                if not wait:
+                    return None
+                end = time.monotonic() + REQUEST_TIMEOUT
+                while rid not in self._replies:
+                    if self._conn is not conn:
+                        raise BrokerUnavailable(errno.ECONNRESET,
+                                                "the ipsecchan broker went away")
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise BrokerUnavailable(errno.ETIMEDOUT, "the ipsecchan broker is not "
+                                                                 "answering")
+                    self._cond.wait(left)
+                return self._replies.pop(rid)
+            finally:
+                self._waiting.discard(rid)
 
     def _latch_request(self, handle: RemoteHandle, fd: int, extra: dict) -> RemoteHandle:
         reply = self._call({"op": handle.op, "fd": fd, **extra}, fd)
@@ -163,8 +172,12 @@ class BrokerClient:
         old = handle.latch.state
         handle.latch.state = LatchState.CLOSED
         if handle.remote_id is not None:
+            # Waited for, so that the policies are gone before the socket closes (a closing
+            # TCP socket lives on, with them); but not on the reader's own thread (a socket
+            # collected there), which must not wait for itself.
+            on_reader = threading.current_thread() is self._thread
             try:
-                self._call({"op": "release", "latch": handle.remote_id})
+                self._call({"op": "release", "latch": handle.remote_id}, wait=not on_reader)
             except (BrokerUnavailable, OSError):
                 pass        # the broker released it when this client's session ended
         if old is not LatchState.CLOSED and handle.on_alert is not None:
@@ -201,8 +214,9 @@ class BrokerClient:
                 self._event(msg)
             else:
                 with self._cond:
-                    self._replies[msg.get("id")] = msg
-                    self._cond.notify_all()
+                    if msg.get("id") in self._waiting:
+                        self._replies[msg.get("id")] = msg
+                        self._cond.notify_all()
 
     def _event(self, msg: dict) -> None:
         d = msg["latch"]
