@@ -77,9 +77,14 @@ def test_latch_rekey_break_resolve(lab, auth):
                                "5000"])
     lab.run("bob", ["sleep", "0.5"])
     child = lab.child_sas("alice", link.conn)[0]
+    cap = lab.capture("alice")
     r = json.loads(lab.python("alice", LATCH, bob, lab.vici_socket("alice"), link.conn,
                               link.child, check=True, timeout=120).text)
+    packets = cap.stop()
     server.stop()
+    # Through the rekey, the flush (BROKEN) and the return: nothing of it in clear.
+    assert [p for p in packets if p.proto == 6 and 5000 in (p.sport, p.dport)] == []
+    assert sum(p.proto == 50 for p in packets) >= 10
     state, local, peer, peer_auth, pubkey, out_spis, in_spis, prot = r["latched"]
     assert (state, local, peer) == ("ESTABLISHED", link.a_id, link.b_id)
     assert out_spis == [int(child["spi-out"], 16)] and in_spis == [int(child["spi-in"], 16)]
@@ -182,9 +187,15 @@ def test_latch_faults_break_and_nothing_leaks(lab):
     server = lab.spawn("bob", [lab.kernel.python, "-m", "ipsecchan.lab.echo", "serve", bob,
                                "5000"])
     lab.run("bob", ["sleep", "0.5"])
+    cap = lab.capture("alice")
     r = json.loads(lab.python("alice", FAULTS, bob, lab.vici_socket("alice"), link.conn,
                               link.child, check=True, timeout=150).text)
+    packets = cap.stop()
     server.stop()
+    # On alice's link, over the whole run (each fault, the breaks, the recoveries): not one
+    # packet of the connection in clear; it went as ESP whenever it went.
+    assert [p for p in packets if p.proto == 6 and 5000 in (p.sport, p.dport)] == []
+    assert sum(p.proto == 50 for p in packets) >= 10
     assert r["start"] == ["ESTABLISHED", True]
     # [state, cause, seconds to notice, echo came back, IPv4 packets alice sent while broken]
     assert r["bypass"][:2] == ["BROKEN", "cleartext"] and r["bypass"][3:] == [False, 0]
