@@ -275,7 +275,10 @@ class BrokerClient:
                 h.op = "latch"      # its listener's id died with the old session
             try:
                 old = h.latch.state
-                self._latch_request(h, fd, _request(h.requirements))
+                # The new latch must carry what the old one did (same peer, key and no
+                # weaker protection): the broker refuses, and blocks, anything else.
+                self._latch_request(h, fd, {**_request(h.requirements),
+                                            "expect": protocol.params_json(h.latch.params)})
                 if old is not h.latch.state and h.on_alert is not None:
                     h.on_alert(h, Alert(old, h.latch.state, None, "broker back"))
             except LatchRefused as exc:

@@ -4,22 +4,32 @@ with SCM_RIGHTS where an operation takes one.
 SEQPACKET keeps message boundaries (no framing to get wrong) and carries each descriptor with
 the message it belongs to. A message is one UTF-8 JSON object of at most MAX_MESSAGE bytes.
 
-Client -> broker (each request has an "id" the reply repeats):
+Client -> broker (each request has an integer "id" the reply repeats; "fd" is the passed
+socket's descriptor number in the client, through which the broker reaches it later):
 
-    {"op": "latch",  "id": n, "policy": "require"|"optional", "peer_id": str|null} + fd
-    {"op": "listen", "id": n, "policy": ..., "peer_id": ...}                        + fd
-    {"op": "accept", "id": n, "listener": L}                                         + fd
+    {"op": "latch",  "id": n, "fd": d, "policy": "require"|"optional", "peer_id": str|null,
+     "expect": PARAMS|null}                                                                  + fd
+    {"op": "listen", "id": n, "fd": d, "policy": ..., "peer_id": ...}                        + fd
+    {"op": "accept", "id": n, "fd": d, "listener": L}                                         + fd
     {"op": "release", "id": n, "latch": L}
     {"op": "abort", "id": n}  + fd    clear the block of a socket whose latch was refused,
                                       before its owner resets it (the reset must get out)
-    {"op": "list", "id": n}         operators only (root, or allowed by the broker's config)
+    {"op": "list", "id": n, "after": L|null}    root and the broker's operator group only
 
 Broker -> client:
 
     {"id": n, "ok": true, "latch": LATCH}
+    {"id": n, "ok": true, "latches": [LATCH + {"owner": {"pid", "uid"}}...], "next": L|null}
+                                     list: as many as fit in a message; "next" to ask for more
     {"id": n, "ok": false, "error": "...", "errno": e|null, "cause": c|null}
     {"event": "alert", "latch": LATCH, "old": s, "new": s, "cause": c|null, "detail": "...",
      "rekeyed": bool}                pushed to the client that owns the latch, and only to it
+
+"expect" latches a socket again (after a broker restart) only to the parameters it had: the
+same peer (and key), no weaker protection; else it is refused like any latch, and blocked.
+A request that cannot be read (not JSON, too long, no integer id) is answered with "id": null.
+A socket that some client has latched already is refused (EBUSY), whoever asks: two latches
+on one socket would undo each other's policies.
 
 LATCH: {"id", "role": connector|listener|accepted, "state", "cause", "detail", "flow": null |
 {"family", "proto", "local", "local_port", "remote", "remote_port"}, "params": null | PARAMS}
@@ -30,7 +40,10 @@ spi], "reqid", "protection": PROT, "src"}.
 """
 from __future__ import annotations
 
+import array
 import json
+import os
+import select
 import socket
 from dataclasses import asdict
 
@@ -39,6 +52,8 @@ from ipsecchan.latch.protection import Protection
 from ipsecchan.xfrm.lookup import Flow
 
 MAX_MESSAGE = 64 * 1024
+MAX_FDS = 4                     # more in one message: refused (each request takes one)
+_FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 DEFAULT_PATH = "/run/ipsecchan/broker.sock"
 
 
@@ -47,39 +62,64 @@ class ProtocolError(ValueError):
 
 
 def send(sock: socket.socket, msg: dict, fd: int | None = None) -> None:
-    data = json.dumps(msg, separators=(",", ":")).encode()
-    if len(data) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    data = encode(msg)
     if fd is None:
         sock.send(data)
     else:
         socket.send_fds(sock, [data], [fd])
 
 
-def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
+def encode(msg: dict) -> bytes:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def recv(sock: socket.socket, dispose=None) -> tuple[dict | None, list[int]]:
     """One message and the descriptors that came with it; (None, []) at end of stream.
-    Raises ProtocolError for a truncated or malformed message (its descriptors closed)."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, 4)
-    if not data and not fds:
+    Raises ProtocolError for a truncated, empty or malformed message, after handing its
+    descriptors to `dispose` (default: closed here)."""
+    data, anc, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += array.array("i", payload[:len(payload) - len(payload) % 4])
+    if not data and not fds and _hung_up(sock):
         return None, []
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_MESSAGE:
-            raise ProtocolError("message too long, or too many descriptors")
+            raise ProtocolError(f"message longer than {MAX_MESSAGE} bytes, or more than "
+                                f"{MAX_FDS} descriptors")
+        if not data:
+            raise ProtocolError("empty message")
         try:
             msg = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers bad UTF-8 and integers past Python's digit limit; nesting
+            # deep enough to exhaust the parser's recursion is RecursionError.
+            raise ProtocolError(f"not JSON: {str(exc)[:200]}") from None
         if not isinstance(msg, dict):
             raise ProtocolError("a message must be a JSON object")
         return msg, fds
     except ProtocolError:
         for fd in fds:
-            _close(fd)
+            (dispose or _close)(fd)
         raise
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    # A zero-length read is either a zero-length message or the end of the stream; only the
+    # socket's state tells them apart.
+    fd = sock.fileno()
+    if fd < 0:
+        return True             # closed here meanwhile (by another thread)
+    p = select.poll()
+    p.register(fd, select.POLLRDHUP | select.POLLHUP)
+    return bool(p.poll(0))
+
+
 def _close(fd: int) -> None:
-    import os
     try:
         os.close(fd)
     except OSError:

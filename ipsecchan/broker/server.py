@@ -11,20 +11,39 @@ The broker keeps no descriptor of a client's socket once a request is done: a de
 here would keep the connection open after the application closed it. It reaches the socket
 again, when an event needs its policies changed, through the client process (pidfd_getfd on
 the descriptor number the client gave, checked against the socket's inode): a closed socket,
-or a number reused for another, is never touched. A client that goes away takes its latches
-with it: each is released, its policies cleared where the socket still lives.
+or a number reused for another, is never touched. pidfd_getfd needs ptrace-level access to
+the client (CAP_SYS_PTRACE); without it the received descriptor is kept until the latch ends.
 
-    ipsecchan daemon [--socket PATH] [--operators]
+A client that goes away takes its latches with it. Sockets already closed need nothing; one
+that lives on (handed to another process, or the client's session dropped) is blocked both
+ways, since nobody verifies it any more: the client library latches it again when it
+reconnects. Each client is one peer (SO_PEERCRED); it can name only its own latches, hears
+only their alerts, and no socket carries two latches. Listing every latch is for root and
+the operator group. A socket latched again after a restart of the broker comes back only to
+what it had ("expect": the same peer and key, no weaker protection), else it is blocked.
 
+Bad input is answered with an error and the broker keeps serving the others; it never blocks
+on a client: replies wait in a bounded queue (the client's requests are not read meanwhile),
+and the client's descriptors are closed by helper threads (see _Closer).
+
+    ipsecchan daemon [--socket PATH] [--operators GROUP]...
+
+Started by systemd with socket activation (LISTEN_FDS), it serves the socket it is given.
 Every latch is logged with the client's SO_PEERCRED (pid, uid, gid).
 """
 from __future__ import annotations
 
 import argparse
+import array
+import collections
 import ctypes
 import errno
+import grp
 import logging
 import os
+import queue
+import resource
+import select
 import selectors
 import signal
 import socket
@@ -33,23 +52,34 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ipsecchan.broker import protocol
 from ipsecchan.latch.enforce import apply
-from ipsecchan.latch.machine import Block, LatchRefused, Policy, Requirements
+from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, Policy,
+                                     Requirements, conflict)
 from ipsecchan.latch.engine import Latcher
 from ipsecchan.xfrm import clear_socket_policies
 
 log = logging.getLogger("ipsecchan.broker")
 
-MAX_LATCHES_PER_CLIENT = 4096
 MAX_CLIENTS = 4096
+MAX_LATCHES_PER_CLIENT = 4096
+MAX_LATCHES_PER_UID = 65536    # root excepted
+MAX_PEER_ID = 1024
 SWEEP_EVERY = 2.0              # how often latches of closed sockets are looked for
-MAX_QUEUED = 1024              # alerts queued for a client that does not read; then it goes
+MAX_QUEUED = 256               # messages queued for a client that does not read; then it goes
+MAX_BATCH = 16                 # requests read from one client per turn: others get theirs
+FD_RESERVE = 64                # descriptors kept free for the broker's own work
+CLOSERS = 64                   # at most this many threads closing clients' descriptors
+ACCEPT_PAUSE = 1.0             # out of descriptors: stop accepting for this long
 _SYS_PIDFD_GETFD = 438         # the same number on every architecture (since Linux 5.6)
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
 _libc = ctypes.CDLL(None, use_errno=True)
 _TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
+_OPS = ("latch", "listen", "accept", "abort", "release", "list")
+_POLICIES = {"require": Policy.REQUIRE, "optional": Policy.OPTIONAL}
 
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:
@@ -59,6 +89,87 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return r
+
+
+def _exited(pidfd: int) -> bool:
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)      # a pidfd turns readable when its process exits
+    return bool(p.poll(0))
+
+
+class _Closer:
+    """Closes descriptors of clients' files away from the broker's loop.
+
+    Closing the last reference to a file can block: a TCP socket with SO_LINGER waits up to
+    its linger time for unsent data, a FUSE file for its flush. A client can make the broker's
+    copy the last one (by closing its own at the right moment), so the loop never closes one
+    itself. A thread stuck on one leaves the others; idle threads are reused."""
+
+    def __init__(self, threads: int = CLOSERS):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._max, self._threads, self._idle = threads, 0, 0
+        self.pending = 0          # handed over, not yet closed (they count against the limit)
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            self.pending += 1
+            start = False
+            if self._idle:
+                self._idle -= 1
+            elif self._threads < self._max:
+                self._threads += 1
+                start = True
+        self._q.put(fd)
+        if start:
+            threading.Thread(target=self._run, name="ipsecchan-closer", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fd = self._q.get()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            with self._lock:
+                self.pending -= 1
+                self._idle += 1
+
+
+_closer = _Closer()
+
+
+def _dispose(obj) -> None:
+    """Let go of a client's descriptor (a number, or a socket object made over one)."""
+    fd = obj.detach() if isinstance(obj, socket.socket) else obj
+    if fd >= 0:
+        _closer.close(fd)
+
+
+def _as_socket(fd: int) -> socket.socket:
+    """A socket object over `fd`, or OSError (ENOTSOCK for another kind of file).
+
+    The socket layer is asked first (getsockopt): fstat() of an arbitrary file can block
+    (FUSE), of a socket it cannot. Nothing here may change the file's flags (no timeouts):
+    the client shares it."""
+    return socket.socket(fileno=fd)
+
+
+def _same_socket(fd: int, ino: int) -> socket.socket | None:
+    """`fd` as a socket if it is still the socket with inode `ino`; else None (fd let go)."""
+    try:
+        sock = _as_socket(fd)
+    except OSError:
+        _dispose(fd)
+        return None
+    try:
+        same = os.fstat(sock.fileno()).st_ino == ino
+    except OSError:
+        same = False
+    if not same:
+        _dispose(sock)
+        return None
+    return sock
 
 
 class RequestError(Exception):
@@ -78,31 +189,43 @@ class ClientSocket:
         self.family, self.type = sock.family, sock.type
         self.pidfd, self.client_fd, self.ino = pidfd, client_fd, ino
 
+    @property
+    def held(self) -> bool:
+        """The broker holds a descriptor of it (during a request, or without pidfd_getfd)."""
+        return self.sock is not None
+
     def let_go(self) -> None:
         """The request is done: keep nothing of the client's socket open here."""
         if self.pidfd is not None and self.sock is not None:
-            self.sock.close()
+            _dispose(self.sock)
             self.sock = None
 
     def _target(self) -> tuple[socket.socket | None, bool]:
+        """(the socket, whether it is a temporary copy), or (None, False) when it is closed.
+        Raises OSError when that cannot be told (the broker out of descriptors, say): a
+        closed socket's policies are skipped, so "cannot tell" must never pass for closed."""
         if self.sock is not None:
             return self.sock, False
         if self.pidfd is None:
-            return None, False
+            return None, False          # released
         try:
             fd = pidfd_getfd(self.pidfd, self.client_fd)
-        except OSError:
-            return None, False          # the process or the descriptor is gone
-        if os.fstat(fd).st_ino != self.ino:
-            os.close(fd)
-            return None, False          # the number now names another file
-        return socket.socket(fileno=fd), True
+        except OSError as exc:
+            if exc.errno in (errno.ESRCH, errno.EBADF):
+                return None, False      # the process or the descriptor is gone
+            raise
+        sock = _same_socket(fd, self.ino)
+        return (sock, True) if sock is not None else (None, False)
 
     @property
     def gone(self) -> bool:
-        s, tmp = self._target()
+        try:
+            s, tmp = self._target()
+        except OSError as exc:
+            log.warning("cannot tell whether a client's socket is open: %s", exc)
+            return False
         if tmp:
-            s.close()
+            _dispose(s)
         return s is None
 
     def _call(self, name: str, *args):
@@ -115,7 +238,7 @@ class ClientSocket:
             return getattr(s, name)(*args)
         finally:
             if tmp:
-                s.close()
+                _dispose(s)
 
     def fileno(self) -> int:
         return self.client_fd
@@ -134,8 +257,18 @@ class ClientSocket:
 
     def close(self) -> None:
         if self.sock is not None:
-            self.sock.close()
+            _dispose(self.sock)
             self.sock = None
+
+
+class _Detached:
+    """Stands in for a blocked socket while its latch is closed: the block stays."""
+
+    def __init__(self, family: int):
+        self.family = family
+
+    def setsockopt(self, *a) -> None:
+        pass
 
 
 @dataclass(eq=False)
@@ -146,13 +279,14 @@ class Client:
     gid: int
     pidfd: int | None
     latches: dict = field(default_factory=dict)        # latch id -> LatchHandle
-    queued: list = field(default_factory=list)         # messages not yet sent (EAGAIN)
+    queued: collections.deque = field(default_factory=collections.deque)  # encoded, unsent
+    events: int = selectors.EVENT_READ
+    closed: bool = False
 
     def label(self) -> str:
         return f"pid={self.pid} uid={self.uid} gid={self.gid}"
 
 
-_SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
 _own_cookie: list = []
 
 
@@ -171,20 +305,18 @@ def _netns_cookie(sock: socket.socket | None) -> int | None:
 
 
 def _check_socket(fd: int, want: str) -> tuple[socket.socket, int]:
-    """The received descriptor as a socket of the kind the operation needs, or RequestError
-    (the descriptor then closed)."""
+    """The received descriptor as a socket of the kind the operation needs ("listen",
+    "connected", or "any" IPv4/IPv6 TCP or UDP socket of this network namespace), or
+    RequestError (the descriptor then let go)."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise RequestError("not a socket", errno.ENOTSOCK)
-        sock = socket.socket(fileno=fd)
-    except RequestError:
-        os.close(fd)
-        raise
+        sock = _as_socket(fd)
     except OSError as exc:
-        os.close(fd)
-        raise RequestError(f"unusable descriptor: {exc}", exc.errno) from None
+        _dispose(fd)
+        if exc.errno == errno.ENOTSOCK:
+            raise RequestError("not a socket", errno.ENOTSOCK) from None
+        raise RequestError(f"unusable descriptor: {exc.strerror}", exc.errno) from None
     try:
+        ino = os.fstat(sock.fileno()).st_ino
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             raise RequestError("only IPv4 and IPv6 sockets latch", errno.EAFNOSUPPORT)
         proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
@@ -200,9 +332,7 @@ def _check_socket(fd: int, want: str) -> tuple[socket.socket, int]:
         if want == "listen":
             if not tcp or state != _TCP_LISTEN:
                 raise RequestError("not a listening TCP socket", errno.EINVAL)
-        elif want == "any":
-            pass
-        else:
+        elif want == "connected":
             try:
                 sock.getpeername()
             except OSError:
@@ -210,30 +340,108 @@ def _check_socket(fd: int, want: str) -> tuple[socket.socket, int]:
             if tcp and state != _TCP_ESTABLISHED:
                 # Half-closed, closing or not yet connected: nothing to latch for its life.
                 raise RequestError("not an established TCP connection", errno.ENOTCONN)
-        return sock, st.st_ino
+        return sock, ino
     except RequestError:
-        sock.close()
+        _dispose(sock)
         raise
+    except OSError as exc:
+        _dispose(sock)
+        raise RequestError(f"unusable socket: {exc.strerror}", exc.errno) from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _int_field(msg: dict, name: str) -> int | None:
+    value = msg.get(name)
+    if value is None:
+        return None
+    if type(value) is not int:          # bool is an int subclass: not a number here
+        raise RequestError(f"{name!r} must be an integer", errno.EINVAL)
+    return value
+
+
+def _requirements(msg: dict) -> Requirements:
+    policy, peer_id = msg.get("policy", "require"), msg.get("peer_id")
+    if not (isinstance(policy, str) and policy in _POLICIES):
+        raise RequestError("'policy' must be \"require\" or \"optional\"", errno.EINVAL)
+    if not (peer_id is None or (isinstance(peer_id, str) and len(peer_id) <= MAX_PEER_ID)):
+        raise RequestError(f"'peer_id' must be null or a string of at most {MAX_PEER_ID} "
+                           "characters", errno.EINVAL)
+    return Requirements(_POLICIES[policy], peer_id)
+
+
+def _expected(msg: dict) -> LatchParams | None:
+    """What a latch made again must match ("expect": the params it had), or None."""
+    d = msg.get("expect")
+    if d is None:
+        return None
+    try:
+        params = protocol.params_of(d)
+        if params.protected and params.peer is None:
+            raise ValueError("a protected latch names its peer")
+        return params
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise RequestError(f"'expect' is not a latch's params: {_short(exc)}",
+                           errno.EINVAL) from None
+
+
+def _peer_groups(conn: socket.socket) -> set[int]:
+    """The client's supplementary groups (none known if it has more than 256)."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+    except OSError:
+        return set()
+    return set(array.array("I", raw[:len(raw) - len(raw) % 4]))
+
+
+def _fd_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class Broker:
     def __init__(self, path: str = protocol.DEFAULT_PATH, identities=None, view=None, *,
-                 operators: bool = False):
-        if identities is None:
-            from ipsecchan.runtime import default_identities
-            identities = default_identities()
-        self.latcher = Latcher(identities, view)
-        self.path, self.operators = path, operators
-        self.clients: dict[int, Client] = {}         # by connection fileno
-        self.owner: dict[int, Client] = {}           # latch id -> client
-        self.sel = selectors.DefaultSelector()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._unlink_stale(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
-        os.chmod(path, 0o666)      # any user may ask; what it may ask about is its own
-        self.listener.listen(128)
+                 operator_gids=(), listener: socket.socket | None = None):
+        """Serve on `path` (a stale socket of a dead broker is replaced), or on `listener`, a
+        listening SOCK_SEQPACKET socket made by someone else (systemd) who also owns its
+        path. `operator_gids`: groups whose members may list every latch (besides root)."""
+        if socket.getdefaulttimeout() is not None:
+            # Socket objects made with a default timeout set O_NONBLOCK on the file: on the
+            # clients' own sockets, which the broker must never change.
+            raise ValueError("the broker cannot run with socket.setdefaulttimeout() set")
+        self.path, self.operator_gids = path, frozenset(operator_gids)
+        self._own_path = listener is None
+        if listener is None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._unlink_stale(path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                listener.bind(path)
+                os.chmod(path, 0o666)  # any user may ask; what it may ask about is its own
+                listener.listen(socket.SOMAXCONN)
+                self._ino = os.stat(path).st_ino
+            except OSError:
+                listener.close()
+                raise
+        self.listener = listener
+        try:
+            if identities is None:
+                from ipsecchan.runtime import default_identities
+                identities = default_identities()
+            self.latcher = Latcher(identities, view)
+        except BaseException:
+            self._close_listener()
+            raise
+        self.clients: set[Client] = set()
+        self.owner: dict[int, Client] = {}            # latch id -> client
+        self.by_ino: dict[int, object] = {}            # socket inode -> its latch handle
+        self.per_uid: collections.Counter = collections.Counter()   # latches by uid
+        self.held = 0          # client descriptors kept (no pidfd_getfd), counted for limits
         self.listener.setblocking(False)
+        self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, "listener")
         self.sel.register(self.latcher.view.monitor, selectors.EVENT_READ, "xfrm")
         self._wake_r, self._wake_w = os.pipe()
@@ -241,18 +449,29 @@ class Broker:
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._stop = threading.Event()
         self._next_sweep = 0.0
+        self._accept_paused = 0.0
         self.latcher.observers.append(self._on_alert)
 
     @staticmethod
     def _unlink_stale(path: str) -> None:
-        if not os.path.exists(path):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
             return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        probe.settimeout(2)      # a live broker with a full backlog makes connect() wait
         try:
             probe.connect(path)
-        except OSError:
-            os.unlink(path)              # nobody answers: a previous broker's leftover
+        except ConnectionRefusedError:
+            os.unlink(path)      # nobody listens: a dead broker's leftover
             return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OSError(errno.EADDRINUSE, f"{path}: cannot tell whether a broker serves "
+                                            f"it ({exc.strerror or exc})") from None
         finally:
             probe.close()
         raise OSError(errno.EADDRINUSE, f"a broker already serves {path}")
@@ -260,17 +479,30 @@ class Broker:
     # -- the loop --
     def serve_forever(self) -> None:
         while not self._stop.is_set():
-            for key, _ in self.sel.select(0.2):
+            if self._accept_paused and time.monotonic() >= self._accept_paused:
+                self._accept_paused = 0.0
+                self.sel.register(self.listener, selectors.EVENT_READ, "listener")
+            for key, mask in self.sel.select(0.2):
                 what = key.data
-                if what == "listener":
-                    self._accept()
-                elif what == "wake":
-                    try:
-                        os.read(self._wake_r, 64)
-                    except BlockingIOError:
-                        pass
-                elif isinstance(what, Client):
-                    self._read(what)
+                try:
+                    if what == "listener":
+                        self._accept()
+                    elif what == "wake":
+                        try:
+                            os.read(self._wake_r, 64)
+                        except BlockingIOError:
+                            pass
+                    elif isinstance(what, Client) and not what.closed:
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(what)
+                        if mask & selectors.EVENT_READ and not what.closed:
+                            self._read(what)
+                except Exception:
+                    # A bug: this client's session ends (its sockets blocked), others go on.
+                    log.exception("serving %s", what.label() if isinstance(what, Client)
+                                  else what)
+                    if isinstance(what, Client):
+                        self._drop(what, "internal error")
             # XFRM and IKE events (the IKE source queues them from its own thread).
             try:
                 self.latcher.poll(0)
@@ -278,7 +510,10 @@ class Broker:
                 log.exception("event handling failed")
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + SWEEP_EVERY
-                self._sweep()
+                try:
+                    self._sweep()
+                except Exception:
+                    log.exception("sweeping closed sockets failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -288,17 +523,29 @@ class Broker:
             pass
 
     def close(self) -> None:
-        for client in list(self.clients.values()):
+        for client in list(self.clients):
             self._drop(client, "broker stopping")
         self.sel.close()
-        self.listener.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self._close_listener()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.latcher.close()
+
+    def _close_listener(self) -> None:
+        self.listener.close()
+        try:
+            # Its own socket only: not one that systemd made, or a newer broker's.
+            if self._own_path and os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _fd_room(self, more: int) -> bool:
+        """Whether `more` descriptors still leave the broker its reserve. What it holds is
+        counted (each client's connection and pidfd, kept sockets, closes in progress), so
+        that no event ever finds it out of descriptors."""
+        used = 2 * len(self.clients) + self.held + _closer.pending + FD_RESERVE
+        return used + more <= _fd_limit()
 
     def _accept(self) -> None:
         while True:
@@ -306,10 +553,20 @@ class Broker:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:       # EMFILE and the like: refuse, keep serving
-                log.warning("accepting a client: %s", exc)
+            except OSError as exc:
+                # Out of descriptors (EMFILE, ENFILE): the connection waits in the backlog;
+                # pause, rather than spin on a listener that stays readable.
+                log.warning("accepting a client: %s; pausing %.1f s", exc, ACCEPT_PAUSE)
+                self.sel.unregister(self.listener)
+                self._accept_paused = time.monotonic() + ACCEPT_PAUSE
                 return
-            if len(self.clients) >= MAX_CLIENTS:
+            if len(self.clients) >= MAX_CLIENTS or not self._fd_room(2):
+                try:
+                    protocol.send(conn, {"id": None, "ok": False, "errno": errno.EMFILE,
+                                         "error": "the broker serves too many clients",
+                                         "cause": None})
+                except OSError:
+                    pass
                 conn.close()
                 continue
             pid, uid, gid = struct.unpack("3i", conn.getsockopt(
@@ -317,16 +574,18 @@ class Broker:
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:
-                pidfd = None
+                pidfd = None            # gone already, or no pidfd: descriptors are kept
             conn.setblocking(False)
             client = Client(conn, pid, uid, gid, pidfd)
-            self.clients[conn.fileno()] = client
+            self.clients.add(client)
             self.sel.register(conn, selectors.EVENT_READ, client)
 
     def _read(self, client: Client) -> None:
-        for _ in range(64):      # a few messages per turn: one client cannot starve others
+        for _ in range(MAX_BATCH):
+            if client.queued or client.closed:
+                return      # replies wait for it: read no more of its requests meanwhile
             try:
-                msg, fds = protocol.recv(client.conn)
+                msg, fds = protocol.recv(client.conn, _dispose)
             except (BlockingIOError, InterruptedError):
                 return
             except protocol.ProtocolError as exc:
@@ -339,132 +598,226 @@ class Broker:
             if msg is None:
                 self._drop(client, "closed")
                 return
-            if len(fds) > 1:
-                for fd in fds:
-                    os.close(fd)
-                self._reply(client, {"id": msg.get("id"), "ok": False, "errno": errno.EINVAL,
-                                     "error": "one socket per request", "cause": None})
-                continue
-            try:
-                reply = self._handle(client, msg, fds)
-            except RequestError as exc:
-                reply = {"ok": False, "error": str(exc), "errno": exc.code, "cause": exc.cause}
-            except Exception as exc:         # a bug: answer, log, keep serving others
-                log.exception("request from %s", client.label())
-                reply = {"ok": False, "error": f"internal error: {exc}", "errno": None,
-                         "cause": None}
-            finally:
-                for fd in fds:          # left over by a request that failed early
-                    os.close(fd)
-            reply["id"] = msg.get("id")
-            self._reply(client, reply)
-            if client.conn.fileno() not in self.clients:
-                return
+            self._reply(client, self._request(client, msg, fds))
 
     # -- requests --
+    def _request(self, client: Client, msg: dict, fds: list[int]) -> dict:
+        rid = msg.get("id")
+        try:
+            if rid is not None and type(rid) is not int:
+                rid = None
+                raise RequestError("'id' must be an integer", errno.EINVAL)
+            if len(fds) > 1:
+                raise RequestError("one socket per request", errno.EINVAL)
+            reply = self._handle(client, msg, fds)
+        except RequestError as exc:
+            reply = {"ok": False, "error": str(exc), "errno": exc.code, "cause": exc.cause}
+        except Exception:         # a bug: answer, log, keep serving others
+            log.exception("request from %s", client.label())
+            reply = {"ok": False, "error": "internal error (logged by the broker)",
+                     "errno": None, "cause": None}
+        finally:
+            for fd in fds:          # left over by a request that failed early
+                _dispose(fd)
+        reply["id"] = rid
+        return reply
+
     def _handle(self, client: Client, msg: dict, fds: list[int]) -> dict:
         op = msg.get("op")
+        if op not in _OPS:
+            raise RequestError(f"unknown op {_short(op)}", errno.EINVAL)
         takes_fd = op in ("latch", "listen", "accept", "abort")
         if takes_fd != bool(fds):
-            for fd in fds:
-                os.close(fd)
-            del fds[:]
             raise RequestError(f"{op!r} takes {'one socket' if takes_fd else 'no socket'}",
                                errno.EINVAL)
-        if op == "abort":
-            # A connection whose latch was refused is about to be reset by its owner: clear
-            # the block so that the reset reaches the peer (who would otherwise wait on a
-            # half-dead connection). Only for a socket no latch of this broker holds.
-            sock, ino = _check_socket(fds.pop(0), "any")
-            with sock:
-                if any(getattr(h.sock, "ino", None) == ino
-                       for c in self.clients.values() for h in c.latches.values()):
-                    raise RequestError("the socket is latched: release it", errno.EBUSY)
-                clear_socket_policies(sock)
-            return {"ok": True}
         if op == "release":
-            handle = client.latches.get(msg.get("latch"))
+            lid = _int_field(msg, "latch")
+            handle = client.latches.get(lid)
             if handle is None:
                 raise RequestError("no such latch", errno.ENOENT)
             self._release(client, handle)
             return {"ok": True}
         if op == "list":
-            if not (self.operators or client.uid == 0):
-                raise RequestError("listing latches is for operators", errno.EPERM)
-            return {"ok": True, "latches": [
-                {**protocol.latch_json(h), "owner": {"pid": c.pid, "uid": c.uid}}
-                for c in self.clients.values() for h in c.latches.values()]}
-        if op not in ("latch", "listen", "accept"):
-            raise RequestError(f"unknown op {op!r}", errno.EINVAL)
-        if len(client.latches) >= MAX_LATCHES_PER_CLIENT:
-            raise RequestError("too many latches for one client", errno.EMFILE)
-        fd = fds.pop(0)
-        sock, ino = _check_socket(fd, "listen" if op == "listen" else "connected")
+            return self._list(client, msg)
+        if op == "abort":
+            return self._abort(fds.pop())
+        # Everything about the request is checked before the socket is looked at.
+        if op == "accept":
+            lid = _int_field(msg, "listener")
+            listener = client.latches.get(lid)
+            if listener is None or listener.flow is not None:
+                raise RequestError("no such listener", errno.ENOENT)
+            req = None
+        else:
+            listener, req = None, _requirements(msg)
+        expect = _expected(msg) if op == "latch" else None
         client_fd = msg.get("fd")
-        ref = ClientSocket(sock, client.pidfd, client_fd if isinstance(client_fd, int) else -1,
+        if client.pidfd is not None and (type(client_fd) is not int or client_fd < 0):
+            raise RequestError("'fd' must be the passed socket's descriptor number in the "
+                               "client", errno.EINVAL)
+        if len(client.latches) >= MAX_LATCHES_PER_CLIENT or (
+                client.uid != 0 and self.per_uid[client.uid] >= MAX_LATCHES_PER_UID):
+            raise RequestError("too many latches", errno.EMFILE)
+        sock, ino = _check_socket(fds.pop(), "listen" if op == "listen" else "connected")
+        ref = ClientSocket(sock, client.pidfd, client_fd if type(client_fd) is int else -1,
                            ino)
         try:
             self._check_client_fd(ref)
-            handle = self._latch(client, op, msg, ref)
+            if ref.pidfd is None and not self._fd_room(1):
+                raise RequestError("the broker is out of descriptors", errno.EMFILE)
+            self._claim(ino)
+            handle = self._latch(op, ref, req, listener, expect)
         except BaseException:
             ref.close()
             raise
         ref.let_go()
+        self.held += ref.held
         client.latches[handle.id] = handle
         self.owner[handle.id] = client
+        self.by_ino[ino] = handle
+        self.per_uid[client.uid] += 1
         log.info("latch %d (%s) for %s: %s", handle.id, op, client.label(),
                  handle.latch.state.value)
         return {"ok": True, "latch": protocol.latch_json(handle)}
 
+    def _abort(self, fd: int) -> dict:
+        """A connection whose latch was refused is about to be reset by its owner: clear the
+        block so that the reset reaches the peer (who would otherwise wait on a half-dead
+        connection). Not for a latched socket: whoever holds a socket could set it free of
+        its latch so."""
+        sock, ino = _check_socket(fd, "any")
+        try:
+            self._claim(ino, "the socket is latched: release it")
+            clear_socket_policies(sock)
+        except OSError as exc:
+            raise RequestError(f"cannot clear its policies: {exc.strerror or exc}",
+                               exc.errno or errno.EIO) from None
+        finally:
+            _dispose(sock)
+        return {"ok": True}
+
     @staticmethod
     def _check_client_fd(ref: ClientSocket) -> None:
+        """The client holds the socket it passed, at the number it gave: the broker reaches
+        it there later."""
         if ref.pidfd is None:
-            return      # no pidfd (old kernel): the received descriptor is kept instead
+            return      # no pidfd (the process gone already, old kernel): kept instead
         try:
             fd = pidfd_getfd(ref.pidfd, ref.client_fd)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS):
                 ref.pidfd = None        # not allowed here: keep the received descriptor
                 return
+            if exc.errno == errno.ESRCH or _exited(ref.pidfd):
+                raise RequestError("the client process is gone", errno.ESRCH) from None
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise RequestError("the broker is out of descriptors", errno.EMFILE) from None
             raise RequestError("'fd' does not name the passed socket", errno.EBADF) from None
-        try:
-            if os.fstat(fd).st_ino != ref.ino:
-                raise RequestError("'fd' does not name the passed socket", errno.EBADF)
-        finally:
-            os.close(fd)
+        same = _same_socket(fd, ref.ino)
+        if same is None:
+            raise RequestError("'fd' does not name the passed socket", errno.EBADF)
+        _dispose(same)
 
-    def _latch(self, client: Client, op: str, msg: dict, ref: ClientSocket):
+    def _claim(self, ino: int, busy: str = "this socket is latched already") -> None:
+        """One latch per socket: a second (by this client or another) would replace the
+        first one's policies, and releasing either would clear them under the other."""
+        other = self.by_ino.get(ino)
+        if other is None:
+            return
+        if other.sock.gone:       # closed without a release, its inode since reused
+            owner = self.owner.get(other.id)
+            if owner is not None:
+                self._release(owner, other)
+            self.by_ino.pop(ino, None)
+            return
+        raise RequestError(busy, errno.EBUSY)
+
+    def _latch(self, op: str, ref: ClientSocket, req: Requirements | None, listener,
+               expect: LatchParams | None = None):
         try:
-            if op == "accept":
-                listener = client.latches.get(msg.get("listener"))
-                if listener is None or listener.flow is not None:
-                    raise RequestError("no such listener", errno.ENOENT)
-                return self.latcher.accept(listener, ref)
-            policy = {"require": Policy.REQUIRE, "optional": Policy.OPTIONAL}.get(
-                msg.get("policy", "require"))
-            peer_id = msg.get("peer_id")
-            if policy is None or not (peer_id is None or isinstance(peer_id, str)):
-                raise RequestError("bad policy or peer_id", errno.EINVAL)
-            req = Requirements(policy, peer_id)
             if op == "listen":
+                # A block left by a session that ended would stay on the OUT side (a listener
+                # pins IN only) and be cloned into every connection: no SYN-ACK would leave.
+                clear_socket_policies(ref)
                 return self.latcher.listen(ref, req)
+            if op == "accept":
+                # The flow is looked up with the listener's mark (it is inherited): a socket
+                # with another one is not the listener's connection.
+                if ref.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) != listener.mark:
+                    raise RequestError("not a connection of that listener", errno.EINVAL)
+                return self.latcher.accept(listener, ref)
+            implied = expect is not None and expect.protected and req.peer_id is None
+            if implied:
+                # Latching again what was latched before (the broker restarted): another
+                # peer is refused before anything of it is pinned.
+                req = replace(req, peer_id=expect.peer.id)
             try:
-                return self.latcher.latch(ref, req)
-            except LatchRefused as exc:
-                apply(ref, Block(exc.cause))      # nothing of it may leave: the client cannot
-                raise                             # set policies itself
+                handle = self.latcher.latch(ref, req)
+                cause, detail = conflict(handle.latch.params, expect, req) \
+                    if expect is not None else (None, "")
+                if cause is not None:        # same peer, another key; weaker protection
+                    apply(ref, Block(cause))
+                    handle.sock = _Detached(ref.family)     # closed, the block stays
+                    self.latcher.release(handle)
+                    raise LatchRefused(cause, detail)
+                return handle
+            except BaseException as exc:
+                # Nothing of it may leave: the client cannot set policies itself.
+                cause = exc.cause if isinstance(exc, LatchRefused) else Cause.NOT_VERIFIED
+                try:
+                    apply(ref, Block(cause))
+                except OSError as err:
+                    log.warning("blocking a connection that did not latch: %s", err)
+                if implied and cause is Cause.PEER_NOT_REQUIRED:
+                    raise LatchRefused(Cause.PEER_CHANGED, exc.detail) from None
+                raise
         except LatchRefused as exc:
             raise RequestError(str(exc), errno.ECONNREFUSED, exc.cause.value) from None
+        except OSError as exc:
+            raise RequestError(f"cannot latch: {exc.strerror or exc}",
+                               exc.errno or errno.EIO) from None
 
-    def _release(self, client: Client, handle) -> None:
-        client.latches.pop(handle.id, None)
+    def _list(self, client: Client, msg: dict) -> dict:
+        if client.uid != 0 and not (self.operator_gids and self.operator_gids & (
+                {client.gid} | _peer_groups(client.conn))):
+            raise RequestError("listing latches is for root and the operator group",
+                               errno.EPERM)
+        after = _int_field(msg, "after")
+        out, size, nxt = [], 256, None
+        for hid in sorted(self.owner):
+            if after is not None and hid <= after:
+                continue
+            owner = self.owner[hid]
+            item = {**protocol.latch_json(owner.latches[hid]),
+                    "owner": {"pid": owner.pid, "uid": owner.uid}}
+            n = len(protocol.encode(item)) + 1
+            if size + n > protocol.MAX_MESSAGE:
+                nxt = out[-1]["id"] if out else None
+                break
+            out.append(item)
+            size += n
+        return {"ok": True, "latches": out, "next": nxt}
+
+    def _release(self, client: Client, handle, *, block: bool = False) -> None:
+        """Close the latch. `block`: its client is gone; a socket that lives on is blocked
+        both ways (nobody verifies it any more), else its policies are cleared."""
+        if client.latches.pop(handle.id, None) is not None:
+            self.per_uid[client.uid] -= 1
+            if not self.per_uid[client.uid]:
+                del self.per_uid[client.uid]
         self.owner.pop(handle.id, None)
+        ref = handle.sock
+        if self.by_ino.get(ref.ino) is handle:
+            del self.by_ino[ref.ino]
         try:
+            if block and not ref.gone:
+                apply(ref, Block(Cause.NOT_VERIFIED))
+                handle.sock = _Detached(ref.family)     # closing the latch keeps the block
             self.latcher.release(handle)
         except OSError as exc:
             log.warning("releasing latch %d of %s: %s", handle.id, client.label(), exc)
-        if isinstance(handle.sock, ClientSocket):
-            handle.sock.close()
+        self.held -= ref.held
+        ref.close()
 
     # -- events --
     def _on_alert(self, handle, alert) -> None:
@@ -477,42 +830,87 @@ class Broker:
                              "detail": alert.detail, "rekeyed": alert.rekeyed})
 
     def _reply(self, client: Client, msg: dict) -> None:
-        if client.conn.fileno() not in self.clients:
+        if client.closed:
             return
-        client.queued.append(msg)
+        try:
+            data = protocol.encode(msg)
+        except protocol.ProtocolError as exc:
+            log.error("to %s: %s", client.label(), exc)
+            if "event" in msg:
+                self._drop(client, "an alert it cannot be sent")   # it must not miss one
+                return
+            data = protocol.encode({"id": msg.get("id"), "ok": False, "errno": errno.E2BIG,
+                                    "error": "the reply is too long", "cause": None})
+        client.queued.append(data)
+        self._flush(client)
+
+    def _flush(self, client: Client) -> None:
         while client.queued:
             try:
-                protocol.send(client.conn, client.queued[0])
+                client.conn.send(client.queued[0])
             except (BlockingIOError, InterruptedError):
                 if len(client.queued) > MAX_QUEUED:
                     self._drop(client, "not reading its messages")
+                else:
+                    self._interest(client, selectors.EVENT_WRITE)
                 return
             except OSError as exc:
                 self._drop(client, f"send: {exc}")
                 return
-            client.queued.pop(0)
+            client.queued.popleft()
+        self._interest(client, selectors.EVENT_READ)
+
+    def _interest(self, client: Client, events: int) -> None:
+        if client.events != events and not client.closed:
+            self.sel.modify(client.conn, events, client)
+            client.events = events
 
     def _sweep(self) -> None:
         """Latches whose socket is gone (closed without a release) are released."""
-        for client in list(self.clients.values()):
+        for client in list(self.clients):
             for handle in list(client.latches.values()):
                 if handle.sock.gone:
                     self._release(client, handle)
 
     def _drop(self, client: Client, why: str) -> None:
-        if self.clients.pop(client.conn.fileno(), None) is None:
+        if client.closed:
             return
+        client.closed = True
+        self.clients.discard(client)
         log.info("client %s gone (%s): releasing %d latches", client.label(), why,
                  len(client.latches))
         for handle in list(client.latches.values()):
-            self._release(client, handle)
+            self._release(client, handle, block=True)
         try:
             self.sel.unregister(client.conn)
         except (KeyError, ValueError):
             pass
         client.conn.close()
+        client.queued.clear()
         if client.pidfd is not None:
             os.close(client.pidfd)
+            client.pidfd = None
+
+
+def activated_listener() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation: LISTEN_PID, LISTEN_FDS), or
+    None when started otherwise."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)      # not for anything this process might start
+    if count != "1":
+        raise OSError(errno.EINVAL, f"socket activation passed {count or 'no'} sockets; the "
+                                    "broker takes one")
+    sock = socket.socket(fileno=3)      # SD_LISTEN_FDS_START
+    if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_SEQPACKET) or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise OSError(errno.EINVAL, "the socket passed by socket activation is not a "
+                                    "listening SOCK_SEQPACKET Unix socket")
+    sock.set_inheritable(False)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -523,17 +921,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--socket", default=os.environ.get("IPSECCHAN_BROKER",
-                                                       protocol.DEFAULT_PATH))
-    ap.add_argument("--operators", action="store_true",
-                    help="let any local user list every latch (off: root only)")
+                                                       protocol.DEFAULT_PATH),
+                    help="where to listen (ignored under socket activation)")
+    ap.add_argument("--operators", action="append", default=[], metavar="GROUP",
+                    help="a group (name or gid) whose members may list every latch, with "
+                         "its owner and peer; root always may")
     ap.add_argument("-v", "--verbose", action="store_true")
+
+
+def _gid(name: str) -> int:
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise OSError(errno.EINVAL, f"no group {name!r}") from None
 
 
 def run(opts: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # One descriptor per client (and its pidfd): take all the room the system allows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
     try:
-        broker = Broker(opts.socket, operators=opts.operators)
+        listener = activated_listener()
+        path = listener.getsockname() if listener is not None else opts.socket
+        broker = Broker(path, operator_gids=[_gid(g) for g in opts.operators],
+                        listener=listener)
     except PermissionError as exc:
         print(f"ipsecchan daemon: needs CAP_NET_ADMIN: {exc}", file=sys.stderr)
         return 1
@@ -542,7 +959,7 @@ def run(opts: argparse.Namespace) -> int:
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: broker.stop())
-    print(f"listening on {opts.socket}", flush=True)
+    print(f"listening on {path} (pid {os.getpid()})", flush=True)
     try:
         broker.serve_forever()
     finally:
