@@ -69,6 +69,19 @@ class LatchedFd:
         except OSError:
             return None, False
 
+    def inode(self) -> int | None:
+        """The latched socket's inode, or None when it is gone."""
+        sock, tmp = self._target()
+        if sock is None:
+            return None
+        try:
+            return os.fstat(sock.fileno()).st_ino
+        except OSError:
+            return None
+        finally:
+            if tmp:
+                sock.close()
+
     @property
     def gone(self) -> bool:
         sock, tmp = self._target()
@@ -145,6 +158,12 @@ class Runtime:
 
     def release(self, handle) -> None:
         self.latcher.release(handle)
+
+    def is_latched(self, sock) -> bool:
+        """Whether a latch of this process holds the socket (another descriptor of it)."""
+        ino = os.fstat(sock.fileno()).st_ino
+        return any(isinstance(h.sock, LatchedFd) and h.sock.inode() == ino
+                   for h in self.latcher.latches())
 
     def abort(self, sock) -> None:
         """Clear the block on a socket whose latch was refused (it is about to be reset)."""

@@ -548,6 +548,8 @@ def fromfd(fd, family, type, proto=0):
             sock.getpeername()
         except OSError:
             return sock
+        if _runtime.get().is_latched(sock):
+            return sock         # one latch per connection: the socket that made it keeps it
         sock._latch_connected()
     return sock
 

@@ -356,3 +356,33 @@ def test_accept_never_returns_a_connection_it_cannot_latch(lab, dropin):
     assert alice == {"got": "welcome"}
     assert out[1] == {"peer": lab.host("alice").addr(4), "peer_id": link.a_id}
     assert "refused a connection from" in server.output().stderr.decode()
+
+
+FROMFD = r"""
+import json, sys
+from ipsecchan import socket
+s = socket.create_connection((sys.argv[1], 5000), timeout=10)
+twin = socket.fromfd(s.fileno(), s.family, s.type)
+r = {"original": s.latch.state, "twin": twin.latch, "twin_peer": twin.getpeerid()}
+twin.close()                          # closing the twin must not unpin the connection
+s.sendall(b"still latched")
+r["echo"] = s.recv(100).decode()
+r["after"] = s.latch.state
+s.close()
+print(json.dumps(r))
+"""
+
+
+def test_fromfd_of_a_latched_connection_shares_it(lab, dropin):
+    # One latch per connection: a second descriptor of it (fromfd) does not latch again,
+    # and closing it leaves the original's latch and pins alone.
+    lab.add_host("alice")
+    lab.add_host("bob")
+    lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-c", PLAIN_ECHO, bob])
+    _wait_listening(lab, "bob", 5000)
+    r = json.loads(dropin.python("alice", FROMFD, bob, check=True, timeout=60).text)
+    server.stop()
+    assert r["original"] == "ESTABLISHED" and r["twin"] is None and r["twin_peer"] is None
+    assert r["echo"] == "still latched" and r["after"] == "ESTABLISHED"

@@ -158,6 +158,13 @@ class BrokerClient:
         h = RemoteHandle(sock, "accept", listener.requirements, on_alert, listener)
         return self._latch_request(h, sock.fileno(), {"listener": listener.remote_id})
 
+    def is_latched(self, sock) -> bool:
+        """Whether a latch of this client holds the socket (the broker allows one per
+        socket; asking it would latch)."""
+        ino = os.fstat(sock.fileno()).st_ino
+        return any(h.latch.state is not LatchState.CLOSED and h.sock.inode() == ino
+                   for h in list(self._all))
+
     def abort(self, sock) -> None:
         """Clear the block on a socket whose latch was refused (it is about to be reset)."""
         reply = self._call({"op": "abort"}, sock.fileno())
