@@ -392,7 +392,31 @@ def read_latches() -> Latches:
         for latch in latches:
             if isinstance(latch, dict) and isinstance(latch.get("inode"), int):
                 out.by_inode[latch["inode"]] = (r.pid, latch)
+    _broker_latches(out)
     return out
+
+
+def _broker_latches(out: Latches) -> None:
+    """The latches the host's broker holds for its clients (root and its operator groups
+    may list them). Without a broker socket there is nothing to add; a broker that cannot
+    be read is said on stderr (which of its clients' sockets it latches is then unknown)."""
+    from ipsecchan.broker.client import OperatorFeed, broker_path
+    path = broker_path()
+    if not os.path.exists(path):
+        return
+    try:
+        feed = OperatorFeed(path)
+        try:
+            latches = feed.list_all()
+        finally:
+            feed.close()
+    except (OSError, ValueError) as exc:
+        out.errors.append(f"latches held by the broker ({path}) unknown: {exc}")
+        return
+    for latch in latches:
+        owner = latch.get("owner") or {}
+        if isinstance(latch.get("inode"), int):
+            out.by_inode[latch["inode"]] = (owner.get("pid"), latch)
 
 
 def latch_of(row: dict, latches: Latches) -> dict | None:

@@ -110,6 +110,7 @@ class Watcher:
         self.listed: set[str] = set()
         self.reported: dict[str, str] = {}     # name -> the last problem said about it
         self.next_scan = 0.0
+        self.broker = None                     # OperatorFeed: the broker's latches, if any
 
     # -- output --
     def _service(self, server, event: str, error: str | None = None) -> None:
@@ -157,6 +158,51 @@ class Watcher:
         for server in servers:
             if server.name not in self.conns:
                 self._connect(server)
+        if self.broker is None:
+            self._connect_broker()
+
+    def _connect_broker(self) -> None:
+        # The broker holds the latches of its (unprivileged) clients: root and its operator
+        # groups may follow them.
+        from ipsecchan.broker.client import OperatorFeed, broker_path
+        path = broker_path()
+        if not os.path.exists(path):
+            return
+        server = self.status.Server(f"broker:{path}", None)
+        try:
+            feed = OperatorFeed(path, CONNECT_TIMEOUT)
+        except OSError as exc:
+            self._service(server, "unreadable", str(exc))
+            return
+        server = self.status.Server(f"broker:{path}", feed.pid)
+        try:
+            latches = feed.follow()
+        except (OSError, ValueError) as exc:
+            feed.close()
+            self._service(server, "refused", str(exc))
+            return
+        self.reported.pop(server.name, None)
+        self.broker, self.broker_server = feed, server
+        t = time.time()
+        for latch in latches:
+            self._current((latch.get("owner") or {}).get("pid"), t, latch)
+        for a in feed.events:
+            self._alert(a["pid"], a)
+        feed.events = []
+        self.sel.register(feed.sock, selectors.EVENT_READ, "broker")
+
+    def _read_broker(self) -> None:
+        try:
+            events = self.broker.read_events()
+        except (EOFError, OSError, ValueError) as exc:
+            self.sel.unregister(self.broker.sock)
+            self.broker.close()
+            self.broker = None
+            self._service(self.broker_server, "gone" if isinstance(exc, EOFError)
+                          else "unreadable", None if isinstance(exc, EOFError) else str(exc))
+            return
+        for a in events:
+            self._alert(a["pid"], a)
 
     def _connect(self, server) -> None:
         try:
@@ -232,12 +278,17 @@ class Watcher:
             self.next_scan = now + RESCAN
         wait = max(0.0, min(timeout, self.next_scan - time.monotonic()))
         for key, _ in self.sel.select(wait):
-            if self.conns.get(key.data.server.name) is key.data:    # not dropped meanwhile
+            if key.data == "broker":
+                if self.broker is not None:
+                    self._read_broker()
+            elif self.conns.get(key.data.server.name) is key.data:  # not dropped meanwhile
                 self._read(key.data)
 
     def close(self) -> None:
         for conn in list(self.conns.values()):
             self._drop(conn)
+        if self.broker is not None:
+            self.broker.close()
         self.sel.close()
 
 

@@ -1102,7 +1102,7 @@ def test_one_user_learns_nothing_of_another_users_latches():
     for who in ("root", "operator"):
         listed = {x["id"]: x for x in r[who]["latches"]}
         assert listed[mine["id"]]["owner"]["uid"] == 0, who
-        assert listed[mine["id"]]["params"]["peer"]["id"] == "CN=bob"
+        assert listed[mine["id"]]["peer"]["id"] == "CN=bob"
     assert r["errors"] == []
 
 

@@ -51,3 +51,60 @@ def test_unprivileged_echo_through_the_broker(lab):
                   env={"IPSECCHAN_BROKER": lab.broker_socket("alice")}, timeout=60)
     assert res.rc != 0 and "ipsecchan daemon" in res.stderr.decode()
     assert "CAP_NET_ADMIN" in res.stderr.decode()
+
+
+HOLD = r"""
+import json, sys, time
+from ipsecchan import socket
+s = socket.create_connection((sys.argv[1], 5000), timeout=10)
+print(json.dumps({"port": s.getsockname()[1], "state": s.latch.state}), flush=True)
+time.sleep(60)
+"""
+
+
+def test_operators_see_broker_latches_in_ss_and_watch(lab):
+    # ss and watch, as root, show the latches the broker holds for an unprivileged process;
+    # an unprivileged user (not in an operator group) is told it may not see them.
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    py = lab.kernel.python
+    lab.start_broker("alice")
+    env = {"IPSECCHAN_BROKER": lab.broker_socket("alice")}
+    lab.spawn("bob", [py, "-m", "ipsecchan.lab.echo", "serve", bob, "5000"])
+    _wait_listening(lab, "bob", 5000)
+    holder = lab.spawn("alice", lab.unprivileged([py, "-c", HOLD, bob]), env=env)
+    for _ in range(100):
+        if holder.output().stdout:
+            break
+        lab.run(None, ["sleep", "0.1"])
+    port = json.loads(holder.output().stdout.decode().splitlines()[0])["port"]
+    watch = lab.spawn("alice", [py, "-m", "ipsecchan", "watch", "--json"], env=env)
+    rows = json.loads(lab.run("alice", [py, "-m", "ipsecchan", "ss", "--json", "--no-ike"],
+                              env=env, check=True).text)
+    row = next(r for r in rows if r["local_port"] == port and r["peer_port"] == 5000)
+    assert row["latch"]["state"] == "ESTABLISHED" and row["latch"]["peer"]["id"] == link.b_id
+    assert row["latch"]["owner"]["uid"] == 65534
+    # nobody, in no operator group: watch is told so, and sees none of the latches.
+    outsider = lab.spawn("alice", lab.unprivileged([py, "-m", "ipsecchan", "watch", "--json"]),
+                         env=env)
+    lab.run(None, ["sleep", "2"])
+    outsider.stop()
+    said = [json.loads(x) for x in outsider.output().stdout.decode().splitlines()]
+    assert any(x.get("type") == "service" and x["event"] == "refused"
+               and "operator" in x["error"] for x in said), said
+    assert not any(x.get("type") in ("current", "alert") for x in said), said
+    lab.run("alice", ["ip", "xfrm", "state", "flush"], check=True)
+    seen = []
+    for _ in range(100):
+        seen = [json.loads(x) for x in watch.output().stdout.decode().splitlines()]
+        if any(x.get("type") == "alert" and x["new"] == "BROKEN" for x in seen):
+            break
+        lab.run(None, ["sleep", "0.1"])
+    watch.stop()
+    holder.stop()
+    current = [x for x in seen if x.get("type") == "current"]
+    assert any(x["latch"]["flow"]["local_port"] == port for x in current), seen
+    broke = [x for x in seen if x.get("type") == "alert" and x["new"] == "BROKEN"]
+    assert broke and broke[0]["cause"] == "no-sa" and broke[0]["latch"]["owner"]["uid"] == 65534

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -292,3 +293,87 @@ class BrokerClient:
                 self._set(h, LatchState.BROKEN, exc.cause, str(exc))
             except OSError as exc:
                 log.warning("latching again after the broker came back: %s", exc)
+
+
+class OperatorFeed:
+    """An operator's view of every latch the broker holds (root, or a member of one of its
+    --operators groups): `ipsecchan ss` lists them, `ipsecchan watch` follows them. Latches
+    and alerts come in the status services' formats (ipsecchan.latch.status), each latch
+    with "owner": {"pid", "uid"}."""
+
+    def __init__(self, path: str, timeout: float = 5.0):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self.pid = struct.unpack("3i", self.sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        self._ids = itertools.count(1)
+        self.events: list[dict] = []        # alerts read while waiting for a reply
+
+    def request(self, msg: dict) -> dict:
+        rid = next(self._ids)
+        protocol.send(self.sock, {**msg, "id": rid})
+        while True:
+            reply, fds = protocol.recv(self.sock)
+            for fd in fds:
+                os.close(fd)
+            if reply is None:
+                raise ConnectionError(errno.ECONNRESET, "the broker closed the connection")
+            if reply.get("event") == "alert":
+                self.events.append(reply)
+            elif reply.get("id") == rid:
+                if not reply.get("ok"):
+                    code = reply.get("errno") or errno.EIO
+                    raise OSError(code, f"broker: {reply.get('error')}")
+                return reply
+
+    def list_all(self) -> list[dict]:
+        out, after = [], None
+        while True:
+            r = self.request({"op": "list", "after": after})
+            out += r["latches"]
+            if r.get("next") is None:
+                return out
+            after = r["next"]
+
+    def follow(self) -> list[dict]:
+        """Start following; returns the latches as they are now (listed after subscribing,
+        so that no alert falls between the two)."""
+        self.request({"op": "follow"})
+        return self.list_all()
+
+    def read_events(self) -> list[dict]:
+        """Alerts available now (non-blocking); raises EOFError when the broker is gone."""
+        out, self.events = self.events, []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    msg, fds = protocol.recv(self.sock)
+                except (BlockingIOError, InterruptedError):
+                    return out
+                for fd in fds:
+                    os.close(fd)
+                if msg is None:
+                    if out:
+                        return out
+                    raise EOFError("the broker is gone")
+                if msg.get("event") == "alert":
+                    out.append(msg)
+        finally:
+            self.sock.setblocking(True)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def broker_path() -> str:
+    return os.environ.get("IPSECCHAN_BROKER", protocol.DEFAULT_PATH)

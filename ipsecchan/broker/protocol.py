@@ -15,11 +15,15 @@ socket's descriptor number in the client, through which the broker reaches it la
     {"op": "abort", "id": n}  + fd    clear the block of a socket whose latch was refused,
                                       before its owner resets it (the reset must get out)
     {"op": "list", "id": n, "after": L|null}    root and the broker's operator group only
+    {"op": "follow", "id": n}   the same: from then on every latch's alerts, for `ipsecchan
+                                watch` (status ALERT format, with "event": "alert")
 
 Broker -> client:
 
     {"id": n, "ok": true, "latch": LATCH}
-    {"id": n, "ok": true, "latches": [LATCH + {"owner": {"pid", "uid"}}...], "next": L|null}
+    {"id": n, "ok": true, "latches": [...], "next": L|null}   each latch in the status
+                                     services' LATCH format (ipsecchan.latch.status) with
+                                     "owner": {"pid", "uid"}
                                      list: as many as fit in a message; "next" to ask for more
     {"id": n, "ok": false, "error": "...", "errno": e|null, "cause": c|null}
     {"event": "alert", "latch": LATCH, "old": s, "new": s, "cause": c|null, "detail": "...",

@@ -78,7 +78,7 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
 _libc = ctypes.CDLL(None, use_errno=True)
 _TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
-_OPS = ("latch", "listen", "accept", "abort", "release", "list")
+_OPS = ("latch", "listen", "accept", "abort", "release", "list", "follow")
 _POLICIES = {"require": Policy.REQUIRE, "optional": Policy.OPTIONAL}
 
 
@@ -282,6 +282,7 @@ class Client:
     queued: collections.deque = field(default_factory=collections.deque)  # encoded, unsent
     events: int = selectors.EVENT_READ
     closed: bool = False
+    follower: bool = False          # an operator following every latch's alerts (watch)
 
     def label(self) -> str:
         return f"pid={self.pid} uid={self.uid} gid={self.gid}"
@@ -639,6 +640,10 @@ class Broker:
             return {"ok": True}
         if op == "list":
             return self._list(client, msg)
+        if op == "follow":
+            self._check_operator(client, "following latches")
+            client.follower = True
+            return {"ok": True}
         if op == "abort":
             return self._abort(fds.pop())
         # Everything about the request is checked before the socket is looked at.
@@ -777,19 +782,27 @@ class Broker:
             raise RequestError(f"cannot latch: {exc.strerror or exc}",
                                exc.errno or errno.EIO) from None
 
-    def _list(self, client: Client, msg: dict) -> dict:
+    def _check_operator(self, client: Client, what: str) -> None:
         if client.uid != 0 and not (self.operator_gids and self.operator_gids & (
                 {client.gid} | _peer_groups(client.conn))):
-            raise RequestError("listing latches is for root and the operator group",
-                               errno.EPERM)
+            raise RequestError(f"{what} is for root and the operator group", errno.EPERM)
+
+    def _owned(self, handle, owner: Client) -> dict:
+        # For operators (`ss`, `watch`): the status services' LATCH format, with the socket's
+        # inode (ss joins on it) and the process that owns the latch.
+        from ipsecchan.latch.status import latch_dict
+        return {**latch_dict(handle, getattr(handle.sock, "ino", None)),
+                "owner": {"pid": owner.pid, "uid": owner.uid}}
+
+    def _list(self, client: Client, msg: dict) -> dict:
+        self._check_operator(client, "listing latches")
         after = _int_field(msg, "after")
         out, size, nxt = [], 256, None
         for hid in sorted(self.owner):
             if after is not None and hid <= after:
                 continue
             owner = self.owner[hid]
-            item = {**protocol.latch_json(owner.latches[hid]),
-                    "owner": {"pid": owner.pid, "uid": owner.uid}}
+            item = self._owned(owner.latches[hid], owner)
             n = len(protocol.encode(item)) + 1
             if size + n > protocol.MAX_MESSAGE:
                 nxt = out[-1]["id"] if out else None
@@ -824,10 +837,19 @@ class Broker:
         client = self.owner.get(handle.id)
         if client is None:
             return
-        self._reply(client, {"event": "alert", "latch": protocol.latch_json(handle),
-                             "old": alert.old.value, "new": alert.new.value,
-                             "cause": alert.cause.value if alert.cause else None,
-                             "detail": alert.detail, "rekeyed": alert.rekeyed})
+        msg = {"event": "alert", "latch": protocol.latch_json(handle), "old": alert.old.value,
+               "new": alert.new.value, "cause": alert.cause.value if alert.cause else None,
+               "detail": alert.detail, "rekeyed": alert.rekeyed}
+        self._reply(client, msg)
+        followers = [c for c in self.clients if c.follower and c is not client]
+        if followers:
+            # The status services' ALERT format (see ipsecchan.latch.status).
+            msg = {"event": "alert", "time": time.time(), "pid": client.pid, "id": handle.id,
+                   "old": alert.old.value, "new": alert.new.value, "cause": msg["cause"],
+                   "detail": alert.detail, "rekeyed": alert.rekeyed,
+                   "latch": self._owned(handle, client)}
+            for f in followers:
+                self._reply(f, msg)
 
     def _reply(self, client: Client, msg: dict) -> None:
         if client.closed:
