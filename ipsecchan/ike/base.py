@@ -13,6 +13,7 @@ Fail closed: UNAVAILABLE is never a guess and never becomes UNKNOWN on the way u
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, runtime_checkable
@@ -153,8 +154,10 @@ def events(source: IdentitySource, timeout: float | None = None) -> Iterator[Eve
         yield ev
 
 
+@functools.lru_cache(maxsize=65536)
 def norm_addr(addr) -> str:
-    """An address in canonical text form (so that "fd00::1" and "fd00:0::1" compare equal)."""
+    """An address in canonical text form (so that "fd00::1" and "fd00:0::1" compare equal).
+    Cached: asked for every SA of every observation."""
     try:
         return str(ipaddress.ip_address(str(addr).split("%")[0]))
     except ValueError:

@@ -71,6 +71,18 @@ class StaticSource:
     def __init__(self, config: dict | list):
         entries = config.get("sas", []) if isinstance(config, dict) else config
         self.rules = [_rule(e) for e in entries]
+        # Indexed (the first rule of a kind wins): a gateway may name thousands of SAs, and
+        # every latch observation asks for each of its SAs.
+        self._by_spi: dict[tuple, Rule] = {}
+        self._by_reqid: dict[int, Rule] = {}
+        self._by_addr: dict[str, tuple[int, Rule]] = {}
+        for i, r in enumerate(self.rules):
+            if r.kind == "spi":
+                self._by_spi.setdefault((r.spi, r.proto, r.dst), r)
+            elif r.kind == "reqid" and r.reqid:
+                self._by_reqid.setdefault(r.reqid, r)
+            elif r.kind == "addr":
+                self._by_addr.setdefault(r.peer_addr, (i, r))
 
     @classmethod
     def from_file(cls, path: str) -> "StaticSource":
@@ -80,14 +92,13 @@ class StaticSource:
     def _find(self, sa) -> Rule | None:
         proto, dst, src = norm_proto(sa.proto), norm_addr(sa.dst), norm_addr(sa.src)
         spi, reqid = int(sa.spi), int(getattr(sa, "reqid", 0) or 0)
-        for kind, test in (
-                ("spi", lambda r: r.spi == spi and r.proto == proto and r.dst == dst),
-                ("reqid", lambda r: reqid and r.reqid == reqid),
-                ("addr", lambda r: r.peer_addr in (src, dst))):
-            for r in self.rules:
-                if r.kind == kind and test(r):
-                    return r
-        return None
+        r = self._by_spi.get((spi, proto, dst))
+        if r is None and reqid:
+            r = self._by_reqid.get(reqid)
+        if r is None:
+            hits = [h for h in (self._by_addr.get(src), self._by_addr.get(dst)) if h]
+            r = min(hits, key=lambda h: h[0])[1] if hits else None
+        return r
 
     def identify(self, sa) -> SAIdentity:
         r = self._find(sa)

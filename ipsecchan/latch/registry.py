@@ -14,6 +14,7 @@ and asks, for each XFRM or IKE event, which latches to observe again.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
@@ -118,5 +119,6 @@ class LatchRegistry:
         return out
 
 
+@functools.lru_cache(maxsize=65536)
 def _norm(addr: str) -> str:
     return str(ipaddress.ip_address(addr)) if addr else addr

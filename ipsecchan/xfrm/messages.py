@@ -8,6 +8,7 @@ pyroute2 declares no XFRM messages (only the NETLINK_XFRM number), hence this mo
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import struct
@@ -138,7 +139,12 @@ class Policy:
 
 
 def _addr(family: int, a) -> str:
-    raw = bytes(ffi.buffer(ffi.addressof(a), 16))
+    return _addr_text(family, bytes(ffi.buffer(ffi.addressof(a), 16)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _addr_text(family: int, raw: bytes) -> str:
+    # Cached: a busy SAD repeats a few addresses in every message, and ipaddress is slow.
     if family == socket.AF_INET:
         return str(ipaddress.IPv4Address(raw[:4]))
     if family == socket.AF_INET6:
