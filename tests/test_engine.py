@@ -1,5 +1,14 @@
-"""Host-side parts of the latch engine: the listener pin chosen from the SPD."""
+"""Host-side parts of the latch engine: the listener pin chosen from the SPD, and latches
+whose socket closed under them."""
+import os
 import socket
+
+import pytest
+
+from ipsecchan.ike.static import StaticSource
+from ipsecchan.latch.engine import Latcher
+from ipsecchan.latch.machine import LatchState, Requirements
+from ipsecchan.latch.machine import Policy as LatchPolicy
 
 from ipsecchan.latch.engine import listener_templates
 from ipsecchan.xfrm.messages import Policy, Selector, Template
@@ -40,3 +49,31 @@ def test_other_family_and_optional_templates_do_not_count():
                                _pol("in", _t("ah"))], V4)[0].proto == "ah"
     assert listener_templates([_pol("in", _t("comp", optional=True), _t())],
                               V4)[0].proto == "esp"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="latching needs CAP_NET_ADMIN")
+def test_release_after_close_and_events_for_a_closed_socket():
+    # A latched socket closed before its release: the release completes (its policies went
+    # with the socket), and an event for a closed one drops it instead of stopping the round.
+    lat = Latcher(StaticSource({}))
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as lsn:
+            pairs = []
+            for _ in range(2):
+                c = socket.create_connection(lsn.getsockname(), timeout=5)
+                pairs.append((c, lsn.accept()[0]))
+            opt = Requirements(policy=LatchPolicy.OPTIONAL)
+            h1, h2 = (lat.latch(c, opt) for c, _ in pairs)
+            assert h1.state is h2.state is LatchState.ESTABLISHED
+            pairs[0][0].close()
+            lat.release(h1)                          # no EBADF
+            assert h1.state is LatchState.CLOSED and h1.id not in lat.handles
+            pairs[1][0].close()
+            lat._pending.add(h2.id)
+            h2.latch.state = LatchState.BROKEN       # its next observation resolves: a Pin
+            lat.poll()
+            assert h2.id not in lat.handles          # dropped: nothing left to enforce
+            for _, s in pairs:
+                s.close()
+    finally:
+        lat.close()

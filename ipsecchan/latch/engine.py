@@ -12,7 +12,9 @@ follow, or an impostor to refuse).
 """
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -30,6 +32,7 @@ from ipsecchan.xfrm import Template, set_socket_policy
 from ipsecchan.xfrm.lookup import Flow
 from ipsecchan.xfrm.messages import SA
 
+log = logging.getLogger("ipsecchan")
 _PROTOS = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}
 # How long an SA the IKE daemon has not reported may wait for it (the kernel gets a rekey's
 # SAs before the daemon's event says whose they are). After that, unknown is unknown.
@@ -242,7 +245,14 @@ class Latcher:
             self.registry.remove(handle.id)
             self.handles.pop(handle.id, None)
             if handle.latch.state is not LatchState.CLOSED:
-                self._deliver(handle, apply_all(handle.sock, handle.latch.close()))
+                effects = handle.latch.close()
+                try:
+                    apply_all(handle.sock, effects)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        raise
+                    # Closed before its release: its policies went with it.
+                self._deliver(handle, [e for e in effects if isinstance(e, Alert)])
 
     def latches(self) -> list[LatchHandle]:
         """The live latches, listeners included (a copy: safe from any thread)."""
@@ -292,8 +302,24 @@ class Latcher:
                 self._pending.add(hid)
             else:
                 self._pending.discard(hid)
-            alerts = apply_all(handle.sock, handle.latch.observe(obs))
-            self.registry.update_sas(hid, _keys(handle.latch))
+            effects = handle.latch.observe(obs)
+            try:
+                alerts = apply_all(handle.sock, effects)
+            except OSError as exc:
+                # The socket could not be changed. Closed: nothing is left to enforce, the
+                # latch goes. Otherwise its owner still hears what the latch says, and the
+                # latch is looked at again next round (one socket's failure must not stop
+                # the others' events from being applied).
+                alerts = [e for e in effects if isinstance(e, Alert)]
+                if exc.errno == errno.EBADF:
+                    self.registry.remove(hid)
+                    self.handles.pop(hid, None)
+                    self._pending.discard(hid)
+                else:
+                    log.warning("latch %d: applying %s: %s", hid, effects, exc)
+                    self._pending.add(hid)
+            if hid in self.handles:
+                self.registry.update_sas(hid, _keys(handle.latch))
             self._deliver(handle, alerts)
             out += [(handle, a) for a in alerts]
         return out
