@@ -38,6 +38,7 @@ import errno as _errno
 import ipaddress as _ipaddress
 import logging as _logging
 import os as _os
+import weakref as _weakref
 import socket as _std
 import _socket as _csocket
 from socket import *  # noqa: F401,F403  (the drop-in: every name of the stdlib module)
@@ -373,7 +374,7 @@ class socket(_std.socket):
 
     # -- break alerts --
     def _alert_callback(self):
-        ref = __import__("weakref").ref(self)
+        ref = _weakref.ref(self)
 
         def on_alert(handle, alert):
             sock = ref()
