@@ -77,3 +77,199 @@ def test_release_after_close_and_events_for_a_closed_socket():
                 s.close()
     finally:
         lat.close()
+
+
+# ---- the engine over a fed view: the C index and kernel-format notifications, no kernel ----
+
+import collections                                            # noqa: E402
+import time                                                   # noqa: E402
+
+from ipsecchan._native import ffi, lib                        # noqa: E402
+from ipsecchan.ike.base import SAIdentity, State              # noqa: E402
+from ipsecchan.latch import engine                            # noqa: E402
+from ipsecchan.latch.machine import HISTORY_LIMIT, Cause, LatchRefused   # noqa: E402
+from ipsecchan.xfrm import encode                             # noqa: E402
+from ipsecchan.xfrm.index import Index                        # noqa: E402
+from ipsecchan.xfrm.messages import SA, Algorithm, Lifetime   # noqa: E402
+from ipsecchan.xfrm.monitor import XfrmView                   # noqa: E402
+
+LOCAL, PEER = "127.0.0.1", "127.0.0.2"
+INF = (1 << 64) - 1
+GCM = (Algorithm("aead", "rfc4106(gcm(aes))", 288, 128),)
+LEVEL = (socket.IPPROTO_IP, lib.IP_XFRM_POLICY)
+
+
+def _sa(src, dst, spi, mallory=False):
+    # Mallory's SAs have bob's reqid (the same connection config), as with strongSwan; the
+    # test's identity source tells them by their replay window.
+    return SA(src, dst, V4, "esp", spi, 1, "transport", 0, 66 if mallory else 32,
+              Selector(V4, src, dst, 32, 32, 0, 0, 0, 0, 0, 0), 0, 0, int(time.time()) - 60,
+              0, GCM, None, None, None, True, None, Lifetime(INF, INF, INF, INF, 0, 0, 0, 0),
+              (0, 0), None)
+
+
+class _Feed:
+    def __init__(self):
+        self.datagrams = collections.deque()
+
+    def read(self):
+        return self.datagrams.popleft() if self.datagrams else None
+
+    def close(self):
+        pass
+
+
+class FedView(XfrmView):
+    """XfrmView.poll over the C index, fed kernel-format messages instead of a socket."""
+
+    def __init__(self, sas, policies):
+        self.index, self.resyncs, self.monitor = Index(), 0, _Feed()
+        self.index.apply(encode.dump(sas, policies))
+
+    def feed(self, *messages):
+        self.monitor.datagrams.extend(messages)
+
+    def wait(self, timeout):
+        return bool(self.monitor.datagrams)
+
+
+class Source:
+    """Identities from two static sources (bob by reqid, mallory for SAs marked as hers),
+    counting the questions; `down` makes it unavailable, like an IKE daemon gone."""
+    name = "test"
+
+    def __init__(self):
+        self.bob = StaticSource({"sas": [{"reqid": 1, "local": "alice", "peer": "bob"}]})
+        self.mallory = StaticSource({"sas": [{"reqid": 1, "local": "alice",
+                                              "peer": "mallory"}]})
+        self.asked, self.down = 0, False
+
+    def identify(self, sa):
+        self.asked += 1
+        if self.down:
+            return SAIdentity(State.UNAVAILABLE, "test", "daemon gone")
+        return (self.mallory if sa.replay_window == 66 else self.bob).identify(sa)
+
+    def next_event(self, timeout=None):
+        return None
+
+    def close(self):
+        pass
+
+
+class Sock:
+    """A connected socket as the engine sees it (family, type, addresses, mark), recording
+    the per-socket policies set on it: ("out"|"in", OUT template SPI or None, action) or
+    "clear"."""
+
+    family, type = V4, socket.SOCK_DGRAM
+
+    def __init__(self, port=40000):
+        self.port, self.ops = port, []
+
+    def getsockname(self):
+        return (LOCAL, self.port)
+
+    def getpeername(self):
+        return (PEER, 5000)
+
+    def getsockopt(self, level, opt):
+        return 0
+
+    def setsockopt(self, level, opt, value, length=None):
+        assert (level, opt) == LEVEL
+        if value is None:
+            self.ops.append("clear")
+            return
+        info = ffi.from_buffer("struct xfrm_userpolicy_info *", value)
+        direction = {0: "in", 1: "out"}[info.dir]
+        tmpl = value[ffi.sizeof("struct xfrm_userpolicy_info"):]
+        spi = None
+        if tmpl:
+            spi = socket.ntohl(ffi.from_buffer("struct xfrm_user_tmpl *", tmpl).id.spi)
+        self.ops.append((direction, spi, "block" if info.action else "allow"))
+
+
+def _world():
+    t = Template(V4, "", "", "esp", 0, 1, "transport", False)
+    pols = [Policy("out", "allow", 100, 1, Selector(V4, LOCAL, PEER, 32, 32, 0, 0, 0, 0, 0, 0),
+                   (t,), None, None, None),
+            Policy("in", "allow", 100, 8, Selector(V4, PEER, LOCAL, 32, 32, 0, 0, 0, 0, 0, 0),
+                   (t,), None, None, None)]
+    view = FedView([_sa(LOCAL, PEER, 0x100), _sa(PEER, LOCAL, 0x200)], pols)
+    src = Source()
+    return Latcher(src, view), view, src
+
+
+def test_sa_replaced_between_the_two_looks_is_refused():
+    """The pin-then-confirm race through the engine: mallory's SA replaces bob's before the
+    pin (its notifications not read yet at the first look): refused, the pin removed."""
+    lat, view, _ = _world()
+    view.feed(encode.delsa(_sa(LOCAL, PEER, 0x100)), encode.newsa(_sa(LOCAL, PEER, 0x300, True)))
+    s = Sock()
+    with pytest.raises(LatchRefused) as exc:
+        lat.latch(s)
+    assert exc.value.cause is Cause.PEER_CHANGED
+    assert s.ops == [("out", 0x100, "allow"), ("in", 0, "allow"), "clear"]
+    assert lat.latches() == [] and len(lat.registry) == 0
+
+
+def test_unrelated_notifications_between_the_looks_still_latch():
+    lat, view, _ = _world()
+    view.feed(encode.newsa(_sa(LOCAL, "127.0.0.9", 0x900)))
+    h = lat.latch(Sock())
+    assert h.state is LatchState.ESTABLISHED and h.latch.params.peer.id == "bob"
+
+
+def test_identities_asked_once_per_sa_per_round_and_unavailable_still_breaks():
+    lat, view, src = _world()
+    s = Sock()
+    h = lat.latch(s)
+    assert src.asked == 2                      # both looks of one latch: once per SA
+    h2 = lat.latch(Sock(40001))
+    assert src.asked == 4                      # a new round asks again
+    assert h2.latch.params.out_sas[0] is h.latch.params.out_sas[0]    # facts shared
+    view.feed(encode.newsa(_sa(PEER, LOCAL, 0x201)))                   # reaches both latches
+    lat.poll()
+    assert src.asked == 7                      # one round: 3 SAs, once each
+    src.down = True                            # cached facts must not hide this
+    view.feed(encode.expire(_sa(LOCAL, PEER, 0x100), hard=False))
+    alerts = lat.poll()
+    assert {a.new for _, a in alerts} == {LatchState.BROKEN}
+    assert h.latch.cause is Cause.NOT_VERIFIED and s.ops[-2:] == [("out", None, "block"),
+                                                                  ("in", None, "block")]
+    src.down = False
+    view.feed(encode.expire(_sa(LOCAL, PEER, 0x100), hard=False))
+    lat.poll()
+    assert h.state is LatchState.ESTABLISHED and s.ops[-2][:2] == ("out", 0x100)
+
+
+def test_rekey_moves_the_pin_and_a_reused_sa_key_is_judged_anew():
+    lat, view, _ = _world()
+    s = Sock()
+    h = lat.latch(s)
+    view.feed(encode.newsa(_sa(PEER, LOCAL, 0x201)), encode.newsa(_sa(LOCAL, PEER, 0x101)),
+              encode.delsa(_sa(LOCAL, PEER, 0x100)))
+    alerts = lat.poll()
+    assert [(a.new, a.rekeyed) for _, a in alerts] == [(LatchState.ESTABLISHED, True)]
+    assert s.ops[-2:] == [("out", 0x101, "allow"), ("in", 0, "allow")]
+    view.feed(encode.delsa(_sa(PEER, LOCAL, 0x200)))     # old inbound gone: nothing to tell
+    assert lat.poll() == [] and [x.key[3] for x in h.latch.params.in_sas] == [0x201]
+    # The same SA key comes back with another peer's SA (same SPI).
+    view.feed(encode.delsa(_sa(LOCAL, PEER, 0x101)),
+              encode.newsa(_sa(LOCAL, PEER, 0x101, True)))
+    lat.poll()
+    assert h.state is LatchState.BROKEN and h.latch.cause is Cause.PEER_CHANGED
+
+
+def test_alerts_and_history_are_bounded():
+    lat, view, src = _world()
+    heard = []
+    h = lat.latch(Sock(), on_alert=lambda handle, a: heard.append(a))
+    for i in range(2 * max(engine.ALERTS_LIMIT, HISTORY_LIMIT)):
+        src.down = not src.down
+        view.feed(encode.expire(_sa(LOCAL, PEER, 0x100), hard=False))
+        lat.poll()
+    assert len(heard) == 1 + 2 * max(engine.ALERTS_LIMIT, HISTORY_LIMIT)   # owners hear all
+    assert len(h.alerts) == engine.ALERTS_LIMIT and h.alerts[-1] is heard[-1]
+    assert len(h.latch.history) == HISTORY_LIMIT

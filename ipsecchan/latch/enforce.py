@@ -10,8 +10,55 @@ from __future__ import annotations
 
 import socket
 
+from ipsecchan._native import lib
 from ipsecchan.latch.machine import Alert, Block, Effect, LatchParams, Pin, Release
-from ipsecchan.xfrm import Template, clear_socket_policies, set_socket_policy
+from ipsecchan.xfrm import Template, clear_socket_policies, socket_policy_bytes
+
+_LEVELS = {socket.AF_INET: (socket.IPPROTO_IP, lib.IP_XFRM_POLICY),
+           socket.AF_INET6: (socket.IPPROTO_IPV6, lib.IPV6_XFRM_POLICY)}
+# The setsockopt buffers of the policies latches set, by (family, direction, templates,
+# action): many latches share an SA, and a block or a bypass is the same for every socket.
+_BUFFERS: dict[tuple, bytes] = {}
+_BUFFERS_LIMIT = 4096
+
+
+# The two buffers of a pin, by (family, ids of the pinned SAFacts): latches on the same SAs
+# share the engine's SAFacts objects. The entry holds those objects, so their ids stay theirs.
+_PINS: dict[tuple, tuple] = {}
+
+
+def _level(family: int) -> tuple[int, int]:
+    level = _LEVELS.get(family)
+    if level is None:
+        raise ValueError("per-socket XFRM policies exist for AF_INET and AF_INET6 sockets only")
+    return level
+
+
+def _set(sock, family: int, direction: str, templates=(), action: str = "allow") -> None:
+    """ipsecchan.xfrm.set_socket_policy, with the buffer built once per distinct policy."""
+    level = _level(family)
+    key = (family, direction, tuple(templates), action)
+    raw = _BUFFERS.get(key)
+    if raw is None:
+        if len(_BUFFERS) >= _BUFFERS_LIMIT:
+            _BUFFERS.clear()
+        raw = _BUFFERS[key] = socket_policy_bytes(family, direction, key[2], action=action)
+    sock.setsockopt(level[0], level[1], raw)
+
+
+def _pin(sock, family: int, params: LatchParams) -> None:
+    level = _level(family)
+    sas = params.out_sas + params.in_sas
+    key = (family, len(params.out_sas), *map(id, sas))
+    hit = _PINS.get(key)
+    if hit is None or not all(a is b for a, b in zip(hit[0], sas)):
+        out, inbound = pin_templates(params, family)
+        if len(_PINS) >= _BUFFERS_LIMIT:
+            _PINS.clear()
+        hit = _PINS[key] = (sas, socket_policy_bytes(family, "out", out),
+                            socket_policy_bytes(family, "in", inbound))
+    sock.setsockopt(level[0], level[1], hit[1])
+    sock.setsockopt(level[0], level[1], hit[2])
 
 
 def pin_templates(params: LatchParams, family: int
@@ -39,33 +86,35 @@ def _bundle(in_sas, depth: int):
     return layers[:max(depth, 1)]
 
 
-def apply(sock: socket.socket, effect: Effect) -> None:
-    """Carry out one effect on the socket (needs CAP_NET_ADMIN). Alerts are the owner's."""
+def apply(sock: socket.socket, effect: Effect, family: int | None = None) -> None:
+    """Carry out one effect on the socket (needs CAP_NET_ADMIN). Alerts are the owner's.
+    `family`: the socket's address family when the caller has it at hand (saves reading it
+    from the socket object)."""
+    if family is None and isinstance(effect, (Pin, Block)):
+        family = sock.family
     if isinstance(effect, Pin):
         if not effect.params.protected:
             # Latched to cleartext (optional protection): bypass both ways, so that a later SA
             # does not silently change what carries the connection.
-            set_socket_policy(sock, "out")
-            set_socket_policy(sock, "in")
+            _set(sock, family, "out")
+            _set(sock, family, "in")
             return
-        out, inbound = pin_templates(effect.params, sock.family)
-        set_socket_policy(sock, "out", out)
-        set_socket_policy(sock, "in", inbound)
+        _pin(sock, family, effect.params)
     elif isinstance(effect, Block):
-        set_socket_policy(sock, "out", action="block")
-        set_socket_policy(sock, "in", action="block")
+        _set(sock, family, "out", action="block")
+        _set(sock, family, "in", action="block")
     elif isinstance(effect, Release):
         clear_socket_policies(sock)
     elif not isinstance(effect, Alert):
         raise TypeError(f"not a latch effect: {effect!r}")
 
 
-def apply_all(sock: socket.socket, effects) -> list[Alert]:
+def apply_all(sock: socket.socket, effects, family: int | None = None) -> list[Alert]:
     """Carry out every effect in order; return the alerts for the owner."""
     alerts = []
     for e in effects:
         if isinstance(e, Alert):
             alerts.append(e)
         else:
-            apply(sock, e)
+            apply(sock, e, family)
     return alerts

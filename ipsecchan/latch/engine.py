@@ -12,10 +12,12 @@ follow, or an impostor to refuse).
 """
 from __future__ import annotations
 
+import _socket
 import errno
 import itertools
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -37,26 +39,46 @@ _PROTOS = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPP
 # How long an SA the IKE daemon has not reported may wait for it (the kernel gets a rekey's
 # SAs before the daemon's event says whose they are). After that, unknown is unknown.
 IDENTITY_GRACE = 5.0
+# Alerts a handle keeps (the oldest are dropped; owners and observers hear every one).
+ALERTS_LIMIT = 16
+# Bound on the per-SA caches (facts, parties, protections); they are cleared when exceeded.
+_CACHE_LIMIT = 1 << 16
+
+
+_FAMILIES = {socket.AF_INET: int(socket.AF_INET), socket.AF_INET6: int(socket.AF_INET6)}
+# A socket.socket's family and type as plain ints (its properties convert them to enums).
+_RAW_FAMILY, _RAW_TYPE = _socket.socket.family.__get__, _socket.socket.type.__get__
+
+
+def _family_proto(sock: socket.socket) -> tuple[int, int]:
+    if isinstance(sock, socket.socket):
+        family, type_ = _RAW_FAMILY(sock), _RAW_TYPE(sock)
+    else:                                    # a stand-in (the broker's ClientSocket)
+        family, type_ = sock.family, sock.type
+    family = _FAMILIES.get(family)
+    if family is None:
+        raise ValueError("only IPv4 and IPv6 sockets latch")
+    proto = _PROTOS.get(type_ & 0xF)
+    if proto is None:
+        raise ValueError("only TCP and UDP sockets latch")
+    return family, proto
 
 
 def _proto(sock: socket.socket) -> int:
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        raise ValueError("only IPv4 and IPv6 sockets latch")
-    proto = _PROTOS.get(sock.type & 0xF)
-    if proto is None:
-        raise ValueError("only TCP and UDP sockets latch")
-    return proto
+    return _family_proto(sock)[1]
 
 
 def flow_of(sock: socket.socket, mark: int | None = None) -> Flow:
     """The connection's flow, read from the socket itself (never from a caller's word).
     `mark`: the socket's SO_MARK when the caller knows it already (an accepted socket has its
     listener's), saving a syscall."""
-    proto = _proto(sock)
+    family, proto = _family_proto(sock)
     local, remote = sock.getsockname(), sock.getpeername()
     if mark is None:
         mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
-    return Flow(sock.family, proto, local[0], local[1], remote[0], remote[1], mark=mark)
+    # Interned: every latch with the same peer shares its address text.
+    return Flow(family, proto, sys.intern(local[0]), local[1], sys.intern(remote[0]),
+                remote[1], mark=mark)
 
 
 def _party(ident) -> Party | None:
@@ -118,6 +140,16 @@ class Latcher:
         # strongSwan stops listing a rekeyed CHILD_SA while its inbound SA still lives a few
         # seconds (charon's delete_rekeyed_delay). Forgotten when the SA goes.
         self._verified: dict[tuple, tuple[Party | None, Party | None]] = {}
+        # What an observation derives from an SA, kept while the same SA record (the index
+        # hands out one record object per version of an SA) gets the same identity answer
+        # (the same Identity objects): [sa, answer, SAFacts, round] by key, shared by every
+        # latch on that SA. The identity source is asked again in every round (it may have
+        # become unavailable), but once per round: a round is one latch() or accept() (both
+        # of its looks), one poll(), or one observe(); its answers all stand for one moment.
+        self._facts_cache: dict[tuple, list] = {}
+        self._round = 0
+        self._parties: dict = {}         # Identity -> Party
+        self._protections: dict = {}     # (proto, mode, algorithms, encap) -> Protection
         # Latching, polling and releasing may come from several threads (the socket API's
         # event thread, the application's); one lock, never taken on the data path.
         self.lock = threading.RLock()
@@ -126,47 +158,98 @@ class Latcher:
         self.observers: list[Callable[[LatchHandle, Alert], None]] = []
 
     # -- observing --
+    def _party_of(self, ident) -> Party | None:
+        if ident is None:
+            return None
+        p = self._parties.get(ident)
+        if p is None:
+            if len(self._parties) > _CACHE_LIMIT:
+                self._parties.clear()
+            p = self._parties[ident] = _party(ident)
+        return p
+
+    def _protection_of(self, sa: SA) -> Protection:
+        key = (sa.proto, sa.mode, sa.algorithms, sa.encap is not None)
+        p = self._protections.get(key)
+        if p is None:
+            if len(self._protections) > _CACHE_LIMIT:
+                self._protections.clear()
+            p = self._protections[key] = Protection.of(sa)
+        return p
+
     def _facts(self, sa: SA) -> tuple[SAFacts | None, SAIdentity]:
+        key = sa.key
+        hit = self._facts_cache.get(key)
+        if hit is not None and hit[0] is sa and hit[3] == self._round:
+            return hit[2], hit[1]           # asked this round already
         ans = self.identities.identify(sa)
-        if ans.state is State.UNAVAILABLE:
+        state = ans.state
+        if state is State.VERIFIED:
+            if hit is not None and hit[0] is sa and hit[1].local is ans.local \
+                    and hit[1].peer is ans.peer:
+                hit[1], hit[3] = ans, self._round
+                return hit[2], ans
+            local, peer = self._verified[key] = (self._party_of(ans.local),
+                                                 self._party_of(ans.peer))
+            facts = SAFacts(key, sa.reqid, self._protection_of(sa), local, peer, sa.src)
+            if len(self._facts_cache) > _CACHE_LIMIT:
+                self._facts_cache.clear()
+            self._facts_cache[key] = [sa, ans, facts, self._round]
+            return facts, ans
+        if state is State.UNAVAILABLE:
             return None, ans
-        if ans.state is State.VERIFIED:
-            local, peer = self._verified[sa.key] = _party(ans.local), _party(ans.peer)
-        else:
-            local, peer = self._verified.get(sa.key, (None, None))
-            if peer is not None:
-                ans = replace(ans, state=State.VERIFIED)
-        return SAFacts(sa.key, sa.reqid, Protection.of(sa), local, peer, sa.src), ans
+        local, peer = self._verified.get(sa.key, (None, None))
+        if peer is not None:
+            ans = replace(ans, state=State.VERIFIED)
+        return SAFacts(sa.key, sa.reqid, self._protection_of(sa), local, peer, sa.src), ans
 
     def observe(self, flow: Flow, fresh: bool = True) -> Observation:
         """The system's answer for a flow, now. Fails closed: any part that cannot be read
         makes it unverified. fresh=False skips reading pending XFRM notifications first (the
         first look of a latch may: the confirming look after pinning reads them, and any
         change it finds is judged against the first)."""
+        with self.lock:
+            self._round += 1
+            return self._observe(flow, fresh)
+
+    def _observe(self, flow: Flow, fresh: bool = True) -> Observation:
         if fresh:
             try:
-                self._backlog += self.view.poll()
+                self._take(self.view.poll())
             except OSError as exc:
                 return Observation(False, reason=f"XFRM notifications: {exc}")
         res = self.view.index.lookup(flow)
-        facts, pending, now = [], False, time.time()
-        for sa in res.out.sas + res.inbound.sas:
-            f, ans = self._facts(sa)
-            if f is None:
-                return Observation(False, reason=f"identity source: {ans.reason}")
-            pending |= ans.state is State.UNKNOWN and now - sa.add_time < IDENTITY_GRACE
-            facts.append(f)
-        n = len(res.out.sas)
-        return Observation(True, res.out.verdict, res.inbound.verdict, tuple(facts[:n]),
-                           tuple(facts[n:]), res.inbound.cleartext_accepted, pending=pending)
+        out, inbound = res.out, res.inbound
+        pending, now = False, None
+        sides = []
+        for sas in (out.sas, inbound.sas):
+            facts = []
+            for sa in sas:
+                f, ans = self._facts(sa)
+                if f is None:
+                    return Observation(False, reason=f"identity source: {ans.reason}")
+                if ans.state is State.UNKNOWN:
+                    # The clock is read only here: under user-mode-linux a clock read is a
+                    # system call, and the common case needs none.
+                    now = time.time() if now is None else now
+                    pending |= now - sa.add_time < IDENTITY_GRACE
+                facts.append(f)
+            sides.append(tuple(facts))
+        return Observation(True, out.verdict, inbound.verdict, sides[0], sides[1],
+                           inbound.cleartext_accepted, pending=pending)
 
     def _settled(self, flow: Flow, fresh: bool = True) -> Observation:
         """An observation that is not pending: wait for the identity source meanwhile."""
+        obs = self._observe(flow, fresh)
+        if not obs.pending:
+            return obs
         end = time.monotonic() + IDENTITY_GRACE
-        while (obs := self.observe(flow, fresh)).pending and time.monotonic() < end:
+        while time.monotonic() < end:
             time.sleep(0.05)
-            fresh = True
-        return obs if not obs.pending else replace(obs, pending=False)
+            obs = self._observe(flow, True)
+            if not obs.pending:
+                return obs
+        return replace(obs, pending=False)
 
     # -- latching --
     def latch(self, sock: socket.socket, requirements: Requirements = Requirements(),
@@ -214,27 +297,47 @@ class Latcher:
             except LatchRefused:
                 # The connection carries the listener's cloned pin, and perhaps traffic the
                 # latch refused: block it rather than leave it to the SPD.
-                apply_all(conn, [Block(Cause.NOT_VERIFIED)])
+                apply_all(conn, [Block(Cause.NOT_VERIFIED)], flow.family)
                 raise
 
     def _establish(self, sock, flow, latch_or_holder, begin, on_alert, listener=None):
         latch = None
+        self._round += 1
         try:
-            effects = begin(self._settled(flow, fresh=False))
+            first = self._settled(flow, fresh=False)
+            effects = begin(first)
             latch = latch_or_holder[0] if isinstance(latch_or_holder, list) else latch_or_holder
-            apply_all(sock, effects)
-            alerts = apply_all(sock, latch.confirm(self._settled(flow)))
+            apply_all(sock, effects, flow.family)
+            alerts = apply_all(sock, latch.confirm(self._confirming(flow, first)), flow.family)
         except BaseException:
             if latch is not None and latch.state is not LatchState.CLOSED:
                 latch.close()
             if listener is None:
-                apply_all(sock, [Release()])
+                apply_all(sock, [Release()], flow.family)
             raise
         handle = LatchHandle(next(self._ids), sock, flow, latch, on_alert, listener=listener)
         self.handles[handle.id] = handle
         self.registry.add(handle.id, flow, _keys(latch))
         self._deliver(handle, alerts)
         return handle
+
+    def _confirming(self, flow: Flow, first: Observation) -> Observation:
+        """The look after pinning: what the kernel says now. The notifications that came
+        since the first look are read (the race the pin-then-confirm step closes shows there:
+        an SA replaced or added meanwhile). None came and the default policy is the same: the
+        index is as the first look saw it, and this round's identity answers stand, so the
+        first observation is the answer."""
+        index = self.view.index
+        defaults = (index.default_in, index.default_out)
+        try:
+            events = self.view.poll()
+        except OSError as exc:
+            return Observation(False, reason=f"XFRM notifications: {exc}")
+        if events:
+            self._take(events)
+        elif not first.pending and defaults == (index.default_in, index.default_out):
+            return first
+        return self._settled(flow, fresh=False)
 
     def release(self, handle: LatchHandle) -> None:
         """Close the latch and remove the socket's per-socket policies (before the socket is
@@ -261,7 +364,22 @@ class Latcher:
 
     def poll_xfrm(self) -> None:
         """Bring the kernel view up to date now (its events wait for the next poll())."""
-        self._backlog += self.view.poll()
+        self._take(self.view.poll())
+
+    def _take(self, events) -> None:
+        """XFRM events just applied to the index: kept for the next poll(), and what they end
+        forgotten at once (an SA gone takes its verified identities with it)."""
+        if not events:
+            return
+        self._backlog += events
+        for ev in events:
+            kind = ev.kind
+            if kind == "sa-flush" or kind == "resync":
+                self._verified.clear()
+                self._facts_cache.clear()
+            elif kind == "sa-delete" or (kind == "sa-expire" and ev.hard):
+                self._verified.pop(ev.sa_key, None)
+                self._facts_cache.pop(ev.sa_key, None)
 
     # -- following events --
     def poll(self, timeout: float = 0.0) -> list[tuple[LatchHandle, Alert]]:
@@ -273,18 +391,16 @@ class Latcher:
             return self._poll()
 
     def _poll(self) -> list[tuple[LatchHandle, Alert]]:
+        self._round += 1
         touched: set[int] = set()
-        events, self._backlog = self._backlog, []
         try:
-            events += self.view.poll(0)
+            self._take(self.view.poll(0))
         except OSError:
             touched = self.registry.ids()
+        events, self._backlog = self._backlog, []
+        collect = self.registry.collect
         for ev in events:
-            touched |= self.registry.affected(ev)
-            if ev.kind in ("sa-flush", "resync"):
-                self._verified.clear()
-            elif ev.kind == "sa-delete" or (ev.kind == "sa-expire" and ev.hard):
-                self._verified.pop(ev.sa_key, None)
+            collect(ev, touched)
         while (ike := self.identities.next_event(0)) is not None:
             if ike.kind in ("daemon-lost", "daemon-back"):
                 touched |= self.registry.ids()
@@ -297,14 +413,17 @@ class Latcher:
             handle = self.handles.get(hid)
             if handle is None or handle.flow is None:
                 continue
-            obs = self.observe(handle.flow)
+            # The view was brought up to date at the start of the round: every latch of the
+            # round is judged against the same view (events arriving meanwhile are the next
+            # round's), with no netlink read per latch.
+            obs = self._observe(handle.flow, fresh=False)
             if obs.pending:
                 self._pending.add(hid)
             else:
                 self._pending.discard(hid)
             effects = handle.latch.observe(obs)
             try:
-                alerts = apply_all(handle.sock, effects)
+                alerts = apply_all(handle.sock, effects, handle.flow.family)
             except OSError as exc:
                 # The socket could not be changed. Closed: nothing is left to enforce, the
                 # latch goes. Otherwise its owner still hears what the latch says, and the
@@ -326,7 +445,10 @@ class Latcher:
 
     def _deliver(self, handle: LatchHandle, alerts: list[Alert]) -> None:
         for a in alerts:
-            handle.alerts.append(a)
+            kept = handle.alerts
+            kept.append(a)
+            if len(kept) > ALERTS_LIMIT:
+                del kept[0]
             if handle.on_alert is not None:
                 handle.on_alert(handle, a)
             for obs in self.observers:

@@ -265,7 +265,22 @@ def conflict(now: LatchParams, latched: LatchParams, req: Requirements
     return None, ""
 
 
-@dataclass
+# Transitions a latch remembers for inquiry (the oldest are dropped): a latch that flaps for
+# days must not grow without bound.
+HISTORY_LIMIT = 32
+
+
+def _unchanged(obs: Observation, latched: LatchParams) -> bool:
+    """The observation shows exactly the SAs, identities and protection the latch holds now
+    (SAFacts compare by value): nothing to judge again. Those facts passed the latch's checks
+    when they were taken in, and a judgement depends on nothing else."""
+    return (latched.protected and obs.verified and not obs.pending
+            and obs.out_verdict == "protected" and obs.in_verdict == "protected"
+            and not obs.in_cleartext_accepted
+            and obs.out_sas == latched.out_sas and obs.in_sas == latched.in_sas)
+
+
+@dataclass(slots=True)
 class Latch:
     """One latch. Build with Latch.listener(req) or Latch.connector(req); then feed it."""
     requirements: Requirements
@@ -273,7 +288,7 @@ class Latch:
     params: LatchParams | None = None
     cause: Cause | None = None
     detail: str = ""
-    history: list = field(default_factory=list)    # (old, new, cause) for inquiry
+    history: list = field(default_factory=list)    # (old, new, cause), the last HISTORY_LIMIT
 
     @classmethod
     def listener(cls, req: Requirements = Requirements()) -> "Latch":
@@ -316,7 +331,10 @@ class Latch:
     def _move(self, new: LatchState, cause: Cause | None = None, detail: str = "",
               rekeyed: bool = False) -> Alert:
         alert = Alert(self.state, new, cause, detail, rekeyed)
-        self.history.append((self.state, new, cause))
+        history = self.history
+        history.append((self.state, new, cause))
+        if len(history) > HISTORY_LIMIT:
+            del history[0]
         self.state, self.cause, self.detail = new, cause, detail
         return alert
 
@@ -336,6 +354,8 @@ class Latch:
             raise LatchProtocolError("confirm before begin")
         if obs.pending:
             raise LatchProtocolError("confirm: wait until the observation is not pending")
+        if _unchanged(obs, self.params):
+            return [self._move(LatchState.ESTABLISHED)]
         params, cause, detail = _judge(obs, self.params, self.requirements)
         if params is None or cause is not None:
             self._move(LatchState.CLOSED, cause, detail)
@@ -349,18 +369,21 @@ class Latch:
         return [self._move(LatchState.ESTABLISHED)]
 
     def _observe_established(self, obs: Observation) -> list[Effect]:
-        if obs.pending:
-            return []       # the pin holds the connection on its SAs meanwhile
+        if obs.pending or _unchanged(obs, self.params):
+            return []       # pending: the pin holds the connection on its SAs meanwhile
         params, cause, detail = _judge(obs, self.params, self.requirements)
         if params is None and not self.params.protected:
             return []           # latched to cleartext, knowingly: nothing to break
         if cause is not None:
             return [self._move(LatchState.BROKEN, cause, detail), Block(cause)]
-        if not self.params.protected or params.sa_keys() == self.params.sa_keys():
+        latched = self.params
+        if not latched.protected:
             return []
-        moved = (params.sa_keys()[0], params.reqids) != (self.params.sa_keys()[0],
-                                                        self.params.reqids)
-        self.params = replace(self.params, out_sas=params.out_sas, in_sas=params.in_sas,
+        keys, old_keys = params.sa_keys(), latched.sa_keys()
+        if keys == old_keys:
+            return []
+        moved = (keys[0], params.reqids) != (old_keys[0], latched.reqids)
+        self.params = replace(latched, out_sas=params.out_sas, in_sas=params.in_sas,
                               reqids=params.reqids)
         if not moved:
             # Only the set of accepted inbound SAs changed (a rekey's old inbound SA gone):

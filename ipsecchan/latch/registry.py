@@ -17,24 +17,20 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Hashable, Iterable
 
 from ipsecchan.xfrm.lookup import Flow, prefix_match
 from ipsecchan.xfrm.messages import Selector, XfrmEvent
 
 ALL = "all"
-
-
-@dataclass
-class _Entry:
-    flow: Flow
-    sa_keys: frozenset
+_FULL = {2: 32, 10: 128}         # a host prefix's length, by family
 
 
 class LatchRegistry:
     def __init__(self) -> None:
-        self._entries: dict[Hashable, _Entry] = {}
+        # latch id -> (peer, SA keys): the peer as (family, normalized address), the keys as a
+        # tuple without repeats (a few per latch: a tuple is a quarter of a frozenset's size).
+        self._entries: dict[Hashable, tuple[tuple[int, str], tuple]] = {}
         self._by_peer: dict[tuple[int, str], set] = defaultdict(set)
         self._by_sa: dict[tuple, set] = defaultdict(set)
         self._by_spi: dict[int, set] = defaultdict(set)
@@ -44,54 +40,78 @@ class LatchRegistry:
 
     def add(self, latch_id: Hashable, flow: Flow, sa_keys: Iterable[tuple] = ()) -> None:
         self.remove(latch_id)
-        entry = _Entry(flow, frozenset(sa_keys))
-        self._entries[latch_id] = entry
-        self._by_peer[(flow.family, _norm(flow.remote))].add(latch_id)
-        for key in entry.sa_keys:
-            self._by_sa[key].add(latch_id)
-            self._by_spi[key[3]].add(latch_id)
+        peer = (flow.family, _norm(flow.remote))
+        self._entries[latch_id] = (peer, ())
+        self._by_peer[peer].add(latch_id)
+        self._link(latch_id, tuple(dict.fromkeys(sa_keys)))
 
     def update_sas(self, latch_id: Hashable, sa_keys: Iterable[tuple]) -> None:
         """The latch moved to other SAs (a rekey)."""
-        self.add(latch_id, self._entries[latch_id].flow, sa_keys)
+        keys = tuple(dict.fromkeys(sa_keys))
+        if keys != self._entries[latch_id][1]:
+            self._unlink(latch_id)
+            self._link(latch_id, keys)
+
+    def _link(self, latch_id: Hashable, keys: tuple) -> None:
+        self._entries[latch_id] = (self._entries[latch_id][0], keys)
+        for key in keys:
+            self._by_sa[key].add(latch_id)
+            self._by_spi[key[3]].add(latch_id)
+
+    def _unlink(self, latch_id: Hashable) -> None:
+        for key in self._entries[latch_id][1]:
+            for table, k in ((self._by_sa, key), (self._by_spi, key[3])):
+                ids = table[k]
+                ids.discard(latch_id)
+                if not ids:
+                    del table[k]
 
     def remove(self, latch_id: Hashable) -> None:
-        entry = self._entries.pop(latch_id, None)
-        if entry is None:
+        if latch_id not in self._entries:
             return
-        peer = (entry.flow.family, _norm(entry.flow.remote))
-        self._by_peer[peer].discard(latch_id)
-        if not self._by_peer[peer]:
+        self._unlink(latch_id)
+        peer = self._entries.pop(latch_id)[0]
+        ids = self._by_peer[peer]
+        ids.discard(latch_id)
+        if not ids:
             del self._by_peer[peer]
-        for key in entry.sa_keys:
-            for table, k in ((self._by_sa, key), (self._by_spi, key[3])):
-                table[k].discard(latch_id)
-                if not table[k]:
-                    del table[k]
 
     def ids(self) -> set:
         return set(self._entries)
 
     # -- what an event touches --
     def affected(self, event: XfrmEvent) -> set:
+        out: set = set()
+        self.collect(event, out)
+        return out
+
+    def collect(self, event: XfrmEvent, out: set) -> None:
+        """affected(event), added to `out` (no set per event: a rekey of thousands of SAs
+        is tens of thousands of events)."""
         kind = event.kind
         if kind in ("sa-flush", "policy-flush", "resync"):
-            return self.ids()
-        if kind.startswith("sa-"):
-            out = set(self._by_sa.get(event.sa_key, ()))
+            out.update(self._entries)
+        elif kind.startswith("sa-"):
+            by_peer = self._by_peer
+            out.update(self._by_sa.get(event.sa_key, ()))
             sa = event.sa
-            family = event.sa_key[0]
-            out |= self._by_peer.get((family, _norm(event.sa_key[1])), set())
+            family, dst = event.sa_key[0], event.sa_key[1]
+            out.update(by_peer.get((family, _norm(dst)), ()))
             if sa is not None:
-                out |= self._by_peer.get((family, _norm(sa.src)), set())
-                if sa.selector.family:       # tunnel SAs name the inner addresses here
-                    out |= self._covered(sa.selector)
-            return out
-        if kind.startswith("policy-"):
+                out.update(by_peer.get((family, _norm(sa.src)), ()))
+                sel = sa.selector
+                # Tunnel SAs name the inner addresses here; a transport SA's host-to-host
+                # selector names its own ends, just looked up.
+                if sel.family and not (sel.family == family and sel.src == sa.src
+                                       and sel.dst == dst
+                                       and sel.prefixlen_s == sel.prefixlen_d == _FULL.get(
+                                           family)):
+                    out |= self._covered(sel)
+        elif kind.startswith("policy-"):
             if event.policy is None:         # a delete that did not carry the policy
-                return self.ids()
-            return self._covered(event.policy.selector)
-        return set()
+                out.update(self._entries)
+            else:
+                out |= self._covered(event.policy.selector)
 
     def affected_by_spis(self, spis: Iterable[int]) -> set:
         """Latches on SAs with these SPIs (an IKE rekey or delete names SPIs, not keys)."""
@@ -104,7 +124,7 @@ class LatchRegistry:
         # A selector covers a latch when either of its address prefixes holds the peer (OUT
         # selectors name the peer as dst, IN selectors as src); ports and protocol are left to
         # the re-observation, which is exact.
-        full = {2: 32, 10: 128}.get(sel.family)
+        full = _FULL.get(sel.family)
         if full and sel.prefixlen_d == full and sel.prefixlen_s == full:
             # A host-to-host selector: two lookups, no scan.
             return (self._by_peer.get((sel.family, _norm(sel.dst)), set())
