@@ -106,6 +106,7 @@ class FeedView(XfrmView):
 
     def __init__(self, index, dump: bytes) -> None:
         self.index = index
+        self.light = True                # as the Latcher's own view
         self.resyncs = 0
         self.monitor = FeedMonitor()
         self.index.clear()
@@ -122,6 +123,12 @@ class FeedView(XfrmView):
         finally:
             SPENT["view.poll (XFRM decode + index apply)"] += time.perf_counter() - t
 
+    def wait(self, timeout: float) -> bool:
+        return bool(self.monitor.datagrams)
+
+    def resync(self) -> None:
+        raise RuntimeError("a fed view cannot resync")
+
 
 # Where revalidation time goes: the view (decoding notifications, applying them to the index),
 # the index's lookups (first sight of a record decodes it), the identity source, and the rest
@@ -137,6 +144,13 @@ class TimedIndex(Index):
         finally:
             SPENT["index.lookup"] += time.perf_counter() - t
 
+    def lookup_refs(self, flow):
+        t = time.perf_counter()
+        try:
+            return super().lookup_refs(flow)
+        finally:
+            SPENT["index.lookup"] += time.perf_counter() - t
+
 
 class TimedStaticSource(StaticSource):
     def identify(self, sa):
@@ -145,12 +159,6 @@ class TimedStaticSource(StaticSource):
             return super().identify(sa)
         finally:
             SPENT["identity source"] += time.perf_counter() - t
-
-    def wait(self, timeout: float) -> bool:
-        return bool(self.monitor.datagrams)
-
-    def resync(self) -> None:
-        raise RuntimeError("a fed view cannot resync")
 
 
 def _stats(xs: list[float]) -> dict:

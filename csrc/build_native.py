@@ -132,6 +132,7 @@ struct ipsecchan_xidx;
 #define IPSECCHAN_XIDX_EATTR ...
 #define IPSECCHAN_XIDX_EATTRLEN ...
 #define IPSECCHAN_XIDX_ETMPL ...
+#define IPSECCHAN_XIDX_ESPACE ...
 #define IPSECCHAN_XIDX_PROTECTED ...
 #define IPSECCHAN_XIDX_BYPASS ...
 #define IPSECCHAN_XIDX_BLOCK ...
@@ -145,6 +146,19 @@ void ipsecchan_xidx_free(struct ipsecchan_xidx *idx);
 void ipsecchan_xidx_clear(struct ipsecchan_xidx *idx);
 int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *idx, const uint8_t *buf, size_t len,
                              double now, size_t *bad_offset, int64_t *applied);
+struct ipsecchan_xidx_change { uint64_t handle; uint64_t old_handle; uint32_t offset;
+    uint32_t len; uint32_t spi; uint16_t type; uint16_t family; uint8_t proto; uint8_t hard;
+    uint8_t has_src; char dst[16]; char src[16]; ...; };
+int64_t ipsecchan_xidx_apply_report(struct ipsecchan_xidx *idx, const uint8_t *buf,
+                                    size_t len, double now, size_t *bad_offset,
+                                    int64_t *applied, struct ipsecchan_xidx_change *changes,
+                                    size_t changes_cap, size_t *nchanges);
+struct ipsecchan_xidx_sainfo { uint64_t add_time; uint32_t spi; uint32_t reqid;
+    uint32_t prot_len; uint16_t family; uint8_t proto; uint8_t mode; uint8_t flags;
+    uint8_t dying; uint8_t encap; uint8_t sel_other; char dst[16]; char src[16]; ...; };
+int64_t ipsecchan_xidx_sa_info(const struct ipsecchan_xidx *idx, uint64_t handle,
+                               struct ipsecchan_xidx_sainfo *out, uint8_t *prot,
+                               size_t prot_cap);
 size_t ipsecchan_xidx_memory(const struct ipsecchan_xidx *idx);
 size_t ipsecchan_xidx_sa_count(const struct ipsecchan_xidx *idx);
 size_t ipsecchan_xidx_policy_count(const struct ipsecchan_xidx *idx);

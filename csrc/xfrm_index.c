@@ -671,7 +671,8 @@ static int renumber(struct ipsecchan_xidx *x)
     return 0;
 }
 
-static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now)
+static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now,
+                  struct ipsecchan_xidx_change *c)
 {
     struct store *s = &x->sa;
     const struct xfrm_usersa_info *in = SAI(e);
@@ -687,6 +688,8 @@ static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now)
         /* An update keeps the SA's place (its sequence number) and its dying mark. */
         e->seq = old->seq;
         e->dying = old->dying || soft_expired(in, now);
+        c->old_handle = handle_of(old->h.serial, slot);
+        c->handle = handle_of(e->h.serial, slot);
         store_unlink_all(x, s, slot);
         xfree(x, old);
         s->v[slot] = &e->h;
@@ -703,15 +706,28 @@ static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now)
     s->v[slot] = &e->h;
     s->n++;
     store_link_all(x, s, slot);
+    c->handle = handle_of(e->h.serial, slot);
     return 0;
 }
 
+/* The SA record being removed or marked: its handle and source address, for the report. */
+static void report_sa(const struct ipsecchan_xidx *x, uint32_t slot,
+                      struct ipsecchan_xidx_change *c)
+{
+    const struct xsa *e = sa_rec(x, slot);
+    c->old_handle = handle_of(e->h.serial, slot);
+    memcpy(c->src, &SAI(e)->saddr, 16);
+    c->has_src = 1;
+}
+
 static void sa_remove_key(struct ipsecchan_xidx *x, uint16_t fam, const xfrm_address_t *d,
-                          uint8_t proto, uint32_t spi_be)
+                          uint8_t proto, uint32_t spi_be, struct ipsecchan_xidx_change *c)
 {
     uint32_t slot;
-    if (sa_key_find(x, fam, norm(fam, d), proto, ntohl(spi_be), &slot))
+    if (sa_key_find(x, fam, norm(fam, d), proto, ntohl(spi_be), &slot)) {
+        report_sa(x, slot, c);
         store_drop(x, &x->sa, slot);
+    }
 }
 
 static void sa_flush(struct ipsecchan_xidx *x, uint8_t proto)
@@ -989,7 +1005,7 @@ static int check_delete(const uint8_t *pl, size_t len, size_t off, size_t idsize
 
 /* One message: 1 if of a handled type and applied, 0 if skipped, < 0 if rejected. */
 static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl, size_t len,
-                     size_t off, double now, size_t *bad)
+                     size_t off, double now, size_t *bad, struct ipsecchan_xidx_change *c)
 {
     int r;
     struct attrs a;
@@ -999,7 +1015,14 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
         struct xsa *e;
         if ((r = sa_build(x, pl, len, off, &e, bad)))
             return r;
-        return (r = sa_put(x, e, now)) ? r : 1;
+        const struct xfrm_usersa_info *in = SAI(e);
+        c->family = in->family;
+        c->proto = in->id.proto;
+        c->spi = ntohl(in->id.spi);
+        memcpy(c->dst, &in->id.daddr, 16);
+        memcpy(c->src, &in->saddr, 16);
+        c->has_src = 1;
+        return (r = sa_put(x, e, now, c)) ? r : 1;
     }
     case XFRM_MSG_DELSA: {
         const uint8_t *rec;
@@ -1008,7 +1031,17 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
             return r;
         struct xfrm_usersa_id id;
         memcpy(&id, pl, sizeof id);
-        sa_remove_key(x, id.family, &id.daddr, id.proto, id.spi);
+        c->family = id.family;
+        c->proto = id.proto;
+        c->spi = ntohl(id.spi);
+        memcpy(c->dst, &id.daddr, 16);
+        if (rec) {                  /* the kernel's copy of the SA: its source address */
+            struct xfrm_usersa_info info;
+            memcpy(&info, rec, sizeof info);
+            memcpy(c->src, &info.saddr, 16);
+            c->has_src = 1;
+        }
+        sa_remove_key(x, id.family, &id.daddr, id.proto, id.spi, c);
         return 1;
     }
     case XFRM_MSG_EXPIRE: {
@@ -1020,12 +1053,22 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
         memcpy(&ue, pl, sizeof ue);
         const struct xfrm_usersa_info *st = &ue.state;
         uint32_t slot;
+        c->family = st->family;
+        c->proto = st->id.proto;
+        c->spi = ntohl(st->id.spi);
+        c->hard = ue.hard;
+        memcpy(c->dst, &st->id.daddr, 16);
+        memcpy(c->src, &st->saddr, 16);
+        c->has_src = 1;
         if (sa_key_find(x, st->family, norm(st->family, &st->id.daddr), st->id.proto,
                         ntohl(st->id.spi), &slot)) {
-            if (ue.hard)
+            if (ue.hard) {
+                c->old_handle = handle_of(sa_rec(x, slot)->h.serial, slot);
                 store_drop(x, &x->sa, slot);
-            else
+            } else {
                 sa_rec(x, slot)->dying = 1;
+                c->handle = handle_of(sa_rec(x, slot)->h.serial, slot);
+            }
         }
         return 1;
     }
@@ -1036,6 +1079,7 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
             return IPSECCHAN_XIDX_ESHORT;
         }
         memcpy(&f, pl, sizeof f);
+        c->proto = f.proto;
         sa_flush(x, f.proto);
         return 1;
     }
@@ -1080,6 +1124,7 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
             return IPSECCHAN_XIDX_ESHORT;
         }
         memcpy(&pe, pl, sizeof pe);
+        c->hard = pe.hard;
         if (pe.hard && pol_key_find(x, pe.pol.dir, pe.pol.index, &slot))
             pol_drop(x, slot);
         return 1;
@@ -1099,11 +1144,15 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
     }
 }
 
-int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *x, const uint8_t *buf, size_t len,
-                             double now, size_t *bad_offset, int64_t *applied)
+static int64_t apply_buf(struct ipsecchan_xidx *x, const uint8_t *buf, size_t len,
+                         double now, size_t *bad_offset, int64_t *applied,
+                         struct ipsecchan_xidx_change *changes, size_t changes_cap,
+                         size_t *nchanges)
 {
     *applied = 0;
     *bad_offset = 0;
+    if (nchanges)
+        *nchanges = 0;
     if (!x->sa.t[0].heads || !x->pol.t[0].heads) {      /* a flush could not re-allocate */
         if ((!x->sa.t[0].heads && store_init(x, &x->sa)) ||
             (!x->pol.t[0].heads && store_init(x, &x->pol)))
@@ -1118,21 +1167,48 @@ int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *x, const uint8_t *buf, size_
         free(sp);
         return IPSECCHAN_XIDX_ENETLINK;
     }
+    if (changes && (size_t)n > changes_cap) {
+        free(sp);
+        return IPSECCHAN_XIDX_ESPACE;
+    }
     int64_t count = 0;
     for (int i = 0; i < n; i++) {
         size_t off = sp[i].offset + sizeof(struct nlmsghdr);
+        struct ipsecchan_xidx_change scratch, *c = changes ? &changes[i] : &scratch;
+        memset(c, 0, sizeof *c);
+        c->type = sp[i].type;
+        c->offset = sp[i].offset;
+        c->len = sp[i].len;
         int r = apply_one(x, sp[i].type, buf + off, sp[i].len - sizeof(struct nlmsghdr), off,
-                          now, bad_offset);
+                          now, bad_offset, c);
         if (r < 0) {
             free(sp);
             *applied = count;
+            if (nchanges)
+                *nchanges = (size_t)i;
             return r;
         }
         count += r;
     }
     free(sp);
     *applied = count;
+    if (nchanges)
+        *nchanges = (size_t)n;
     return count;
+}
+
+int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *x, const uint8_t *buf, size_t len,
+                             double now, size_t *bad_offset, int64_t *applied)
+{
+    return apply_buf(x, buf, len, now, bad_offset, applied, NULL, 0, NULL);
+}
+
+int64_t ipsecchan_xidx_apply_report(struct ipsecchan_xidx *x, const uint8_t *buf, size_t len,
+                                    double now, size_t *bad_offset, int64_t *applied,
+                                    struct ipsecchan_xidx_change *changes, size_t changes_cap,
+                                    size_t *nchanges)
+{
+    return apply_buf(x, buf, len, now, bad_offset, applied, changes, changes_cap, nchanges);
 }
 
 /* ---- lookup ---- */
@@ -1774,4 +1850,52 @@ int64_t ipsecchan_xidx_bench(const struct ipsecchan_xidx *x,
                                      (uint64_t)(b.tv_nsec - a.tv_nsec);
         }
     return total;
+}
+
+int64_t ipsecchan_xidx_sa_info(const struct ipsecchan_xidx *x, uint64_t handle,
+                               struct ipsecchan_xidx_sainfo *out, uint8_t *prot,
+                               size_t prot_cap)
+{
+    const struct xsa *e = (const struct xsa *)resolve(&x->sa, handle);
+    if (!e)
+        return -1;
+    struct xfrm_usersa_info in;
+    memcpy(&in, e->msg, sizeof in);
+    memset(out, 0, sizeof *out);
+    out->add_time = in.curlft.add_time;
+    out->spi = e->spi;
+    out->reqid = e->reqid;
+    out->family = e->family;
+    out->proto = e->proto;
+    out->mode = e->mode;
+    out->flags = e->flags;
+    out->dying = e->dying;
+    memcpy(out->dst, &in.id.daddr, 16);
+    memcpy(out->src, &in.saddr, 16);
+    unsigned full = fam_bits(in.sel.family);
+    out->sel_other = in.sel.family != 0 &&
+        !(famok(in.sel.family) && in.sel.family == in.family &&
+          in.sel.prefixlen_s == full && in.sel.prefixlen_d == full &&
+          !memcmp(&in.sel.saddr, &in.saddr, 16) && !memcmp(&in.sel.daddr, &in.id.daddr, 16));
+    /* The protection key: every algorithm attribute as stored (its fixed part: name, key
+     * length, ICV or truncation length; never key bytes), then the presence of UDP
+     * encapsulation. The stored attributes were checked when the record was built. */
+    size_t toff = ALIGN4(sizeof in), w = 0, mlen = e->h.msg_len;
+    while (toff + sizeof(struct nlattr) <= mlen) {
+        struct nlattr h;
+        memcpy(&h, e->msg + toff, sizeof h);
+        if (h.nla_len < sizeof h || toff + h.nla_len > mlen)
+            break;
+        uint16_t t = h.nla_type & NLA_TYPE_MASK;
+        if (algo_fixed(t)) {
+            if (w + h.nla_len <= prot_cap)
+                memcpy(prot + w, e->msg + toff, h.nla_len);
+            w += h.nla_len;
+        } else if (t == XFRMA_ENCAP) {
+            out->encap = 1;
+        }
+        toff += ALIGN4(h.nla_len);
+    }
+    out->prot_len = (uint32_t)w;
+    return 0;
 }

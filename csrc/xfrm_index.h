@@ -25,6 +25,7 @@ enum {
     IPSECCHAN_XIDX_EATTR = -103,     /* an attribute stream does not parse */
     IPSECCHAN_XIDX_EATTRLEN = -104,  /* a known attribute is shorter than its structure */
     IPSECCHAN_XIDX_ETMPL = -105,     /* XFRMA_TMPL not a whole number of templates */
+    IPSECCHAN_XIDX_ESPACE = -106,    /* more messages than the change array holds */
 };
 
 /* Verdicts (lookup.py's PROTECTED, BYPASS, BLOCK, NO_POLICY, NO_SA). */
@@ -52,6 +53,48 @@ void ipsecchan_xidx_clear(struct ipsecchan_xidx *idx);
  * rejected message changes nothing; a header error rejects the whole buffer). */
 int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *idx, const uint8_t *buf, size_t len,
                              double now, size_t *bad_offset, int64_t *applied);
+
+/* What one message of a buffer did, for a caller that follows the notifications without
+ * decoding them itself. Every message gets one, whatever its type (offset, len: the whole
+ * netlink message within the buffer). SA messages (NEWSA, UPDSA, DELSA, EXPIRE) name the SA
+ * by family, dst, proto, spi, with its source address when known (has_src); handle: the
+ * record the message stored or marked dying; old_handle: the record it replaced or removed.
+ * FLUSHSA: proto. EXPIRE, POLEXPIRE: hard. Addresses are as in the message (network
+ * order, an IPv4 address in the first four bytes). */
+struct ipsecchan_xidx_change {
+    uint64_t handle, old_handle;
+    uint32_t offset, len;
+    uint32_t spi;                    /* host order */
+    uint16_t type, family;
+    uint8_t proto, hard, has_src, pad;
+    char dst[16], src[16];
+};
+
+/* ipsecchan_xidx_apply, also filling changes[0..*nchanges) (one per message; more messages
+ * than changes_cap: IPSECCHAN_XIDX_ESPACE and nothing applied; len / 16 + 1 always suffices).
+ * On a rejected message, *nchanges counts the messages applied (or skipped) before it. */
+int64_t ipsecchan_xidx_apply_report(struct ipsecchan_xidx *idx, const uint8_t *buf,
+                                    size_t len, double now, size_t *bad_offset,
+                                    int64_t *applied, struct ipsecchan_xidx_change *changes,
+                                    size_t changes_cap, size_t *nchanges);
+
+/* The fields of an SA that latching reads, without decoding its message. sel_other: its
+ * selector names addresses other than the SA's own two (a tunnel's inner addresses); a
+ * wildcard (family 0) or the SA's own host pair does not. prot gets the protection key: the
+ * algorithm attributes as stored (their fixed parts: name and lengths, never key bytes);
+ * prot_len is its full length (written only if it fits prot_cap). Returns 0, or -1 for a
+ * stale handle. */
+struct ipsecchan_xidx_sainfo {
+    uint64_t add_time;
+    uint32_t spi, reqid;             /* host order */
+    uint32_t prot_len;
+    uint16_t family;
+    uint8_t proto, mode, flags, dying, encap, sel_other;
+    char dst[16], src[16];
+};
+int64_t ipsecchan_xidx_sa_info(const struct ipsecchan_xidx *idx, uint64_t handle,
+                               struct ipsecchan_xidx_sainfo *out, uint8_t *prot,
+                               size_t prot_cap);
 
 size_t ipsecchan_xidx_memory(const struct ipsecchan_xidx *idx);
 size_t ipsecchan_xidx_sa_count(const struct ipsecchan_xidx *idx);

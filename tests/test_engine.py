@@ -124,6 +124,7 @@ class FedView(XfrmView):
 
     def __init__(self, sas, policies):
         self.index, self.resyncs, self.monitor = Index(), 0, _Feed()
+        self.light = True            # as the Latcher's own view
         self.index.apply(encode.dump(sas, policies))
 
     def feed(self, *messages):

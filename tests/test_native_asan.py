@@ -35,6 +35,17 @@ size_t ipsecchan_xidx_memory(const struct ipsecchan_xidx *);
 size_t ipsecchan_xidx_sa_handles(const struct ipsecchan_xidx *, uint64_t *, size_t);
 size_t ipsecchan_xidx_policy_handles(const struct ipsecchan_xidx *, uint64_t *, size_t);
 const uint8_t *ipsecchan_xidx_sa_message(const struct ipsecchan_xidx *, uint64_t, size_t *);
+struct ipsecchan_xidx_change { uint64_t handle; uint64_t old_handle; uint32_t offset;
+    uint32_t len; uint32_t spi; uint16_t type; uint16_t family; uint8_t proto; uint8_t hard;
+    uint8_t has_src; uint8_t pad; char dst[16]; char src[16]; };
+int64_t ipsecchan_xidx_apply_report(struct ipsecchan_xidx *, const uint8_t *, size_t, double,
+                                    size_t *, int64_t *, struct ipsecchan_xidx_change *,
+                                    size_t, size_t *);
+struct ipsecchan_xidx_sainfo { uint64_t add_time; uint32_t spi; uint32_t reqid;
+    uint32_t prot_len; uint16_t family; uint8_t proto; uint8_t mode; uint8_t flags;
+    uint8_t dying; uint8_t encap; uint8_t sel_other; char dst[16]; char src[16]; };
+int64_t ipsecchan_xidx_sa_info(const struct ipsecchan_xidx *, uint64_t,
+                               struct ipsecchan_xidx_sainfo *, uint8_t *, size_t);
 const uint8_t *ipsecchan_xidx_policy_message(const struct ipsecchan_xidx *, uint64_t, size_t *);
 int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *, uint16_t, uint8_t, const char *,
                               uint16_t, const char *, uint16_t, uint32_t, int32_t, uint32_t,
@@ -148,6 +159,15 @@ def views(x):
             p = message(x, hs[i], ln)
             assert p != ffi.NULL
             bytes(ffi.buffer(p, ln[0]))       # touch every byte
+            if message is lib.ipsecchan_xidx_sa_message:
+                info = ffi.new("struct ipsecchan_xidx_sainfo *")
+                cap = rnd.choice([0, 8, 512])
+                prot = alloc("uint8_t[]", max(cap, 1))
+                assert lib.ipsecchan_xidx_sa_info(x, hs[i], info, prot, cap) == 0
+                assert info.prot_len <= ln[0]
+        # a stale handle answers -1
+        info = ffi.new("struct ipsecchan_xidx_sainfo *")
+        assert lib.ipsecchan_xidx_sa_info(x, (1 << 63) | 5, info, ffi.NULL, 0) == -1
 
 def lookups(x, k):
     out = ffi.new("uint64_t[]", 64)
@@ -187,9 +207,20 @@ def mix():
     return b"".join(rnd.choice(valid if rnd.random() < 0.9 else seeds)
                     for _ in range(rnd.randrange(1, 5)))
 inputs = list(seeds) + [mutate(mix()) if rnd.random() < 0.6 else mix() for _ in range(8000)]
+nchanges = ffi.new("size_t *")
 for i, data in enumerate(inputs):
     buf = exact(data)
-    r = lib.ipsecchan_xidx_apply(x, buf, len(data), 1.7e9, bad, applied)
+    if i % 2:
+        # The reporting variant, its change array exactly as long as len / 16 + 1.
+        cap = len(data) // 16 + 1
+        changes = alloc("struct ipsecchan_xidx_change[]", cap)
+        r = lib.ipsecchan_xidx_apply_report(x, buf, len(data), 1.7e9, bad, applied, changes,
+                                            cap, nchanges)
+        assert r != -106 and nchanges[0] <= cap
+        for c in range(nchanges[0]):
+            assert changes[c].offset + changes[c].len <= len(data)
+    else:
+        r = lib.ipsecchan_xidx_apply(x, buf, len(data), 1.7e9, bad, applied)
     assert r >= 0 or bad[0] <= len(data), (r, bad[0], len(data))
     applied_ok += r > 0
     rejected += r < 0

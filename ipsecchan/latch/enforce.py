@@ -24,7 +24,10 @@ _BUFFERS_LIMIT = 4096
 
 # The two buffers of a pin, by (family, ids of the pinned SAFacts): latches on the same SAs
 # share the engine's SAFacts objects. The entry holds those objects, so their ids stay theirs.
+# Latches sharing SAs are made close together (connections to one peer, a rekey round): a
+# small table serves them, and a big one would only hold memory.
 _PINS: dict[tuple, tuple] = {}
+_PINS_LIMIT = 256
 
 
 def _level(family: int) -> tuple[int, int]:
@@ -53,7 +56,7 @@ def _pin(sock, family: int, params: LatchParams) -> None:
     hit = _PINS.get(key)
     if hit is None or not all(a is b for a, b in zip(hit[0], sas)):
         out, inbound = pin_templates(params, family)
-        if len(_PINS) >= _BUFFERS_LIMIT:
+        if len(_PINS) >= _PINS_LIMIT:
             _PINS.clear()
         hit = _PINS[key] = (sas, socket_policy_bytes(family, "out", out),
                             socket_policy_bytes(family, "in", inbound))

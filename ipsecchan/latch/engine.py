@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import gc
 import itertools
 import logging
 import socket
@@ -32,6 +33,7 @@ from ipsecchan.latch.protection import Protection
 from ipsecchan.latch.registry import LatchRegistry
 from ipsecchan.xfrm import Template, set_socket_policy
 from ipsecchan.xfrm.lookup import Flow
+from ipsecchan.xfrm.index import Index, SARef
 from ipsecchan.xfrm.messages import SA
 
 log = logging.getLogger("ipsecchan")
@@ -44,6 +46,9 @@ ALERTS_LIMIT = 16
 # Bound on the per-SA caches (facts, parties, protections); they are cleared when exceeded.
 _CACHE_LIMIT = 1 << 16
 
+
+# What _facts answers for an SA verified earlier in the same round.
+_ASKED = SAIdentity(State.VERIFIED, "latcher", "verified earlier in this round")
 
 _FAMILIES = {socket.AF_INET: int(socket.AF_INET), socket.AF_INET6: int(socket.AF_INET6)}
 # A socket.socket's family and type as plain ints (its properties convert them to enums).
@@ -126,9 +131,8 @@ def listener_templates(policies, family: int) -> list[Template] | None:
 class Latcher:
     def __init__(self, identities: IdentitySource, view=None):
         if view is None:
-            from ipsecchan.xfrm.index import Index
             from ipsecchan.xfrm.monitor import XfrmView
-            view = XfrmView(Index)
+            view = XfrmView(Index, light=True)
         self.view = view
         self.identities = identities
         self.registry = LatchRegistry()
@@ -136,17 +140,15 @@ class Latcher:
         self._ids = itertools.count(1)
         self._backlog: list = []     # XFRM events read while observing, for the next poll()
         self._pending: set[int] = set()   # latches whose last observation was pending
-        # Identities once verified, by SA key: an SA's peer cannot change during its life, and
-        # strongSwan stops listing a rekeyed CHILD_SA while its inbound SA still lives a few
-        # seconds (charon's delete_rekeyed_delay). Forgotten when the SA goes.
-        self._verified: dict[tuple, tuple[Party | None, Party | None]] = {}
-        # What an observation derives from an SA, kept while the same SA record (the index
-        # hands out one record object per version of an SA) gets the same identity answer
-        # (the same Identity objects): [sa, answer, SAFacts, round] by key, shared by every
-        # latch on that SA. The identity source is asked again in every round (it may have
-        # become unavailable), but once per round: a round is one latch() or accept() (both
-        # of its looks), one poll(), or one observe(); its answers all stand for one moment.
-        self._facts_cache: dict[tuple, list] = {}
+        # Per SA key, the last verified answer: [SA record, SAFacts, round]. The facts stand
+        # while the index hands out the same record (one object per version of an SA) and the
+        # identity source names the same parties; the source is asked again in every round
+        # (it may have become unavailable), but once per round: a round is one latch() or
+        # accept() (both of its looks), one poll(), or one observe(). The parties outlive the
+        # source's listing: an SA's peer cannot change during its life, and strongSwan stops
+        # listing a rekeyed CHILD_SA while its inbound SA still lives a few seconds (charon's
+        # delete_rekeyed_delay). Forgotten when the SA goes.
+        self._sa_facts: dict[tuple, list] = {}
         self._round = 0
         self._parties: dict = {}         # Identity -> Party
         self._protections: dict = {}     # (proto, mode, algorithms, encap) -> Protection
@@ -168,40 +170,42 @@ class Latcher:
             p = self._parties[ident] = _party(ident)
         return p
 
-    def _protection_of(self, sa: SA) -> Protection:
-        key = (sa.proto, sa.mode, sa.algorithms, sa.encap is not None)
+    def _protection_of(self, sa: SA | SARef) -> Protection:
+        ref = type(sa) is SARef
+        key = sa.prot_key if ref else (sa.proto, sa.mode, sa.algorithms, sa.encap is not None)
         p = self._protections.get(key)
         if p is None:
             if len(self._protections) > _CACHE_LIMIT:
                 self._protections.clear()
-            p = self._protections[key] = Protection.of(sa)
+            p = self._protections[key] = Protection.of(sa.full() if ref else sa)
         return p
 
-    def _facts(self, sa: SA) -> tuple[SAFacts | None, SAIdentity]:
+    def _facts(self, sa: SA | SARef) -> tuple[SAFacts | None, SAIdentity]:
         key = sa.key
-        hit = self._facts_cache.get(key)
-        if hit is not None and hit[0] is sa and hit[3] == self._round:
-            return hit[2], hit[1]           # asked this round already
+        hit = self._sa_facts.get(key)
+        if hit is not None and hit[0] is sa and hit[2] == self._round:
+            return hit[1], _ASKED           # verified this round already
         ans = self.identities.identify(sa)
         state = ans.state
         if state is State.VERIFIED:
-            if hit is not None and hit[0] is sa and hit[1].local is ans.local \
-                    and hit[1].peer is ans.peer:
-                hit[1], hit[3] = ans, self._round
-                return hit[2], ans
-            local, peer = self._verified[key] = (self._party_of(ans.local),
-                                                 self._party_of(ans.peer))
+            local, peer = self._party_of(ans.local), self._party_of(ans.peer)
+            if hit is not None and hit[0] is sa and hit[1].local is local \
+                    and hit[1].peer is peer:
+                hit[2] = self._round
+                return hit[1], ans
             facts = SAFacts(key, sa.reqid, self._protection_of(sa), local, peer, sa.src)
-            if len(self._facts_cache) > _CACHE_LIMIT:
-                self._facts_cache.clear()
-            self._facts_cache[key] = [sa, ans, facts, self._round]
+            self._sa_facts[key] = [sa, facts, self._round]
             return facts, ans
         if state is State.UNAVAILABLE:
             return None, ans
-        local, peer = self._verified.get(sa.key, (None, None))
-        if peer is not None:
+        if hit is not None and hit[1].peer is not None:
+            # Verified before, no longer listed (a rekeyed CHILD_SA's lingering inbound SA).
             ans = replace(ans, state=State.VERIFIED)
-        return SAFacts(sa.key, sa.reqid, self._protection_of(sa), local, peer, sa.src), ans
+            if hit[0] is sa:
+                return hit[1], ans
+            return SAFacts(key, sa.reqid, self._protection_of(sa), hit[1].local, hit[1].peer,
+                           sa.src), ans
+        return SAFacts(key, sa.reqid, self._protection_of(sa), None, None, sa.src), ans
 
     def observe(self, flow: Flow, fresh: bool = True) -> Observation:
         """The system's answer for a flow, now. Fails closed: any part that cannot be read
@@ -218,7 +222,9 @@ class Latcher:
                 self._take(self.view.poll())
             except OSError as exc:
                 return Observation(False, reason=f"XFRM notifications: {exc}")
-        res = self.view.index.lookup(flow)
+        index = self.view.index
+        # The C index answers with SARefs (nothing decoded); the reference model with SAs.
+        res = index.lookup_refs(flow) if isinstance(index, Index) else index.lookup(flow)
         out, inbound = res.out, res.inbound
         pending, now = False, None
         sides = []
@@ -375,11 +381,9 @@ class Latcher:
         for ev in events:
             kind = ev.kind
             if kind == "sa-flush" or kind == "resync":
-                self._verified.clear()
-                self._facts_cache.clear()
+                self._sa_facts.clear()
             elif kind == "sa-delete" or (kind == "sa-expire" and ev.hard):
-                self._verified.pop(ev.sa_key, None)
-                self._facts_cache.pop(ev.sa_key, None)
+                self._sa_facts.pop(ev.sa_key, None)
 
     # -- following events --
     def poll(self, timeout: float = 0.0) -> list[tuple[LatchHandle, Alert]]:
@@ -391,6 +395,20 @@ class Latcher:
             return self._poll()
 
     def _poll(self) -> list[tuple[LatchHandle, Alert]]:
+        # A round over a burst of notifications (a rekey of thousands of SAs, a flush)
+        # allocates hundreds of thousands of short-lived objects, none in cycles; the cyclic
+        # collector would sweep the whole heap (every latch) many times meanwhile: a third of
+        # such a round's time. It is paused while the round runs (then runs if it was on).
+        pause = gc.isenabled()
+        if pause:
+            gc.disable()
+        try:
+            return self._round_of_events()
+        finally:
+            if pause:
+                gc.enable()
+
+    def _round_of_events(self) -> list[tuple[LatchHandle, Alert]]:
         self._round += 1
         touched: set[int] = set()
         try:

@@ -188,6 +188,8 @@ def _bundle_params(sas: tuple[SAFacts, ...]) -> tuple[Party | None, Party | None
 
 
 def _same_party(now: Party | None, latched: Party | None) -> bool:
+    if now is latched:          # the engine shares one Party per identity: the common case
+        return True
     if latched is None:
         return now is None
     return now is not None and now.same_as(latched)
@@ -219,8 +221,12 @@ def evaluate(obs: Observation, req: Requirements
             return None, Cause.SAS_DISAGREE, "the SAs carrying the flow name different IDs"
     # Every SA the kernel would accept inbound must be as strong as the outbound bundle:
     # otherwise the weakest of them is what protects the connection.
-    if any(not any(s.protection.at_least(p) for p in prot) for s in obs.in_sas):
-        return None, Cause.SAS_DISAGREE, "an accepted inbound SA is weaker than the outbound"
+    for s in obs.in_sas:
+        sp = s.protection
+        # (`in` tries identity first: the engine shares one Protection per kind of SA.)
+        if sp not in prot and not any(sp.at_least(p) for p in prot):
+            return None, Cause.SAS_DISAGREE, \
+                "an accepted inbound SA is weaker than the outbound"
     if peer is None or local is None:
         return None, Cause.IDENTITY_UNKNOWN, "no IKE daemon or static entry names the SAs"
     if req.peer_id is not None and peer.id != req.peer_id:
@@ -236,8 +242,9 @@ def _judge(obs: Observation, latched: LatchParams, req: Requirements
     peer's SAs linger, the kernel already sends through, or accepts from, the newcomer's (a
     daemon installs the inbound SA first)."""
     if latched.protected and obs.verified:
+        lpeer = latched.peer
         for sa in obs.out_sas + obs.in_sas:
-            if sa.peer is not None and not sa.peer.same_as(latched.peer):
+            if sa.peer is not None and sa.peer is not lpeer and not sa.peer.same_as(lpeer):
                 return None, Cause.PEER_CHANGED, f"{sa.peer.id!r} instead of " \
                                                  f"{latched.peer.id!r}"
     params, cause, detail = evaluate(obs, req)
@@ -258,9 +265,10 @@ def conflict(now: LatchParams, latched: LatchParams, req: Requirements
                                    f"{latched.peer.id!r}"
     if not _same_party(now.local, latched.local):
         return Cause.LOCAL_CHANGED, ""
-    if len(now.protection) != len(latched.protection) or not all(
-            n.at_least(o, strict=req.strict_algorithms)
-            for n, o in zip(now.protection, latched.protection)):
+    if now.protection is not latched.protection and (
+            len(now.protection) != len(latched.protection) or not all(
+                n is o or n.at_least(o, strict=req.strict_algorithms)
+                for n, o in zip(now.protection, latched.protection))):
         return Cause.PROTECTION_WEAKER, " / ".join(p.describe() for p in now.protection)
     return None, ""
 

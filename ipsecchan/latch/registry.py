@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections import defaultdict
 from typing import Hashable, Iterable
 
+from ipsecchan.xfrm.index import SARef
 from ipsecchan.xfrm.lookup import Flow, prefix_match
 from ipsecchan.xfrm.messages import Selector, XfrmEvent
 
@@ -26,14 +26,52 @@ ALL = "all"
 _FULL = {2: 32, 10: 128}         # a host prefix's length, by family
 
 
+def _sel_other(sa, family: int, dst: str) -> bool:
+    """The SA's selector names addresses other than its own two (SARef.sel_other)."""
+    sel = sa.selector
+    return bool(sel.family) and not (sel.family == family and sel.src == sa.src
+                                     and sel.dst == dst
+                                     and sel.prefixlen_s == sel.prefixlen_d == _FULL.get(family))
+
+
+_NONE = object()
+
+
+class _IdIndex(dict):
+    """key -> latch ids. A key held by one latch maps to the id itself: most keys (an SA, an
+    SPI, a peer) belong to one latch or a few, and a set costs some 200 bytes."""
+
+    def add(self, key, latch_id) -> None:
+        ids = self.get(key, _NONE)
+        if ids is _NONE:
+            self[key] = latch_id
+        elif type(ids) is set:
+            ids.add(latch_id)
+        elif ids != latch_id:
+            self[key] = {ids, latch_id}
+
+    def discard(self, key, latch_id) -> None:
+        ids = self.get(key, _NONE)
+        if type(ids) is set:
+            ids.discard(latch_id)
+            if len(ids) == 1:
+                self[key] = next(iter(ids))
+        elif ids is not _NONE and ids == latch_id:
+            del self[key]
+
+    def ids(self, key) -> set | tuple:
+        ids = self.get(key, _NONE)
+        return () if ids is _NONE else ids if type(ids) is set else (ids,)
+
+
 class LatchRegistry:
     def __init__(self) -> None:
         # latch id -> (peer, SA keys): the peer as (family, normalized address), the keys as a
         # tuple without repeats (a few per latch: a tuple is a quarter of a frozenset's size).
         self._entries: dict[Hashable, tuple[tuple[int, str], tuple]] = {}
-        self._by_peer: dict[tuple[int, str], set] = defaultdict(set)
-        self._by_sa: dict[tuple, set] = defaultdict(set)
-        self._by_spi: dict[int, set] = defaultdict(set)
+        self._by_peer = _IdIndex()          # (family, address) -> ids
+        self._by_sa = _IdIndex()            # SA key -> ids
+        self._by_spi = _IdIndex()           # SPI -> ids
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -42,7 +80,7 @@ class LatchRegistry:
         self.remove(latch_id)
         peer = (flow.family, _norm(flow.remote))
         self._entries[latch_id] = (peer, ())
-        self._by_peer[peer].add(latch_id)
+        self._by_peer.add(peer, latch_id)
         self._link(latch_id, tuple(dict.fromkeys(sa_keys)))
 
     def update_sas(self, latch_id: Hashable, sa_keys: Iterable[tuple]) -> None:
@@ -55,26 +93,19 @@ class LatchRegistry:
     def _link(self, latch_id: Hashable, keys: tuple) -> None:
         self._entries[latch_id] = (self._entries[latch_id][0], keys)
         for key in keys:
-            self._by_sa[key].add(latch_id)
-            self._by_spi[key[3]].add(latch_id)
+            self._by_sa.add(key, latch_id)
+            self._by_spi.add(key[3], latch_id)
 
     def _unlink(self, latch_id: Hashable) -> None:
         for key in self._entries[latch_id][1]:
-            for table, k in ((self._by_sa, key), (self._by_spi, key[3])):
-                ids = table[k]
-                ids.discard(latch_id)
-                if not ids:
-                    del table[k]
+            self._by_sa.discard(key, latch_id)
+            self._by_spi.discard(key[3], latch_id)
 
     def remove(self, latch_id: Hashable) -> None:
         if latch_id not in self._entries:
             return
         self._unlink(latch_id)
-        peer = self._entries.pop(latch_id)[0]
-        ids = self._by_peer[peer]
-        ids.discard(latch_id)
-        if not ids:
-            del self._by_peer[peer]
+        self._by_peer.discard(self._entries.pop(latch_id)[0], latch_id)
 
     def ids(self) -> set:
         return set(self._entries)
@@ -92,21 +123,17 @@ class LatchRegistry:
         if kind in ("sa-flush", "policy-flush", "resync"):
             out.update(self._entries)
         elif kind.startswith("sa-"):
-            by_peer = self._by_peer
-            out.update(self._by_sa.get(event.sa_key, ()))
+            by_peer = self._by_peer.ids
+            out.update(self._by_sa.ids(event.sa_key))
             sa = event.sa
             family, dst = event.sa_key[0], event.sa_key[1]
-            out.update(by_peer.get((family, _norm(dst)), ()))
+            out.update(by_peer((family, _norm(dst))))
             if sa is not None:
-                out.update(by_peer.get((family, _norm(sa.src)), ()))
-                sel = sa.selector
-                # Tunnel SAs name the inner addresses here; a transport SA's host-to-host
-                # selector names its own ends, just looked up.
-                if sel.family and not (sel.family == family and sel.src == sa.src
-                                       and sel.dst == dst
-                                       and sel.prefixlen_s == sel.prefixlen_d == _FULL.get(
-                                           family)):
-                    out |= self._covered(sel)
+                out.update(by_peer((family, _norm(sa.src))))
+                # Tunnel SAs name the inner addresses in their selector; a transport SA's
+                # host-to-host selector names its own ends, just looked up.
+                if sa.sel_other if type(sa) is SARef else _sel_other(sa, family, dst):
+                    out |= self._covered(sa.selector)
         elif kind.startswith("policy-"):
             if event.policy is None:         # a delete that did not carry the policy
                 out.update(self._entries)
@@ -117,7 +144,7 @@ class LatchRegistry:
         """Latches on SAs with these SPIs (an IKE rekey or delete names SPIs, not keys)."""
         out = set()
         for spi in spis:
-            out |= self._by_spi.get(spi, set())
+            out.update(self._by_spi.ids(spi))
         return out
 
     def _covered(self, sel: Selector) -> set:
@@ -127,15 +154,15 @@ class LatchRegistry:
         full = _FULL.get(sel.family)
         if full and sel.prefixlen_d == full and sel.prefixlen_s == full:
             # A host-to-host selector: two lookups, no scan.
-            return (self._by_peer.get((sel.family, _norm(sel.dst)), set())
-                    | self._by_peer.get((sel.family, _norm(sel.src)), set()))
+            return (set(self._by_peer.ids((sel.family, _norm(sel.dst))))
+                    | set(self._by_peer.ids((sel.family, _norm(sel.src)))))
         out = set()
-        for (family, peer), ids in self._by_peer.items():
+        for family, peer in self._by_peer:
             if sel.family and sel.family != family:
                 continue
             if prefix_match(family, peer, sel.dst, sel.prefixlen_d) or \
                     prefix_match(family, peer, sel.src, sel.prefixlen_s):
-                out |= ids
+                out.update(self._by_peer.ids((family, peer)))
         return out
 
 

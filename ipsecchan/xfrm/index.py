@@ -18,9 +18,10 @@ from ipsecchan._native import ffi, lib
 from ipsecchan.xfrm import encode
 from ipsecchan.xfrm.lookup import (BLOCK, BYPASS, NO_POLICY, NO_SA, PROTECTED, Flow, Lookup,
                                    PathResult)
-from ipsecchan.xfrm.messages import Policy, SA, decode_policy, decode_sa
+from ipsecchan.xfrm.messages import (MODE_NAMES, PROTO_NAMES, Policy, SA, _addr_text,
+                                     decode_policy, decode_sa)
 
-__all__ = ["Index", "IndexFormatError"]
+__all__ = ["Index", "IndexFormatError", "SARef"]
 
 _VERDICTS = {lib.IPSECCHAN_XIDX_PROTECTED: PROTECTED, lib.IPSECCHAN_XIDX_BYPASS: BYPASS,
              lib.IPSECCHAN_XIDX_BLOCK: BLOCK, lib.IPSECCHAN_XIDX_NO_POLICY: NO_POLICY,
@@ -46,6 +47,33 @@ class IndexFormatError(ValueError):
                          f"{_ERRORS.get(code, f'error {code}')} ({applied} applied before it)")
 
 
+class SARef:
+    """An SA of the index with the fields latching reads, taken from the C record's header
+    without decoding its message (decode_sa costs tens of microseconds; a rekey of thousands
+    of SAs would spend seconds there). Any other SA field is decoded from the index's copy on
+    first use, while the record is current (LookupError once it is replaced or removed).
+
+    prot_key names the SA's protection: (proto, mode, its algorithm attributes without keys,
+    UDP encapsulation present); SAs with equal keys have equal latch.Protection."""
+    __slots__ = ("handle", "key", "family", "dst", "src", "proto", "spi", "reqid", "mode",
+                 "flags", "add_time", "sel_other", "prot_key", "_index", "_full")
+
+    def full(self) -> SA:
+        sa = self._full
+        if sa is None:
+            sa = self._full = self._index._sa(self.handle, strict=True)
+        return sa
+
+    def __getattr__(self, name):
+        # Only for names that are not slots (SA fields not kept here).
+        if name.startswith("_") or name not in SA.__dataclass_fields__:
+            raise AttributeError(name)
+        return getattr(self.full(), name)
+
+    def __repr__(self) -> str:
+        return f"SARef({self.key!r}, reqid={self.reqid}, src={self.src!r})"
+
+
 _ADDRS: dict[str, bytes] = {}
 _C_LOOKUP = lib.ipsecchan_xidx_lookup_flow
 # Lookup is a frozen dataclass with slots: its __init__ sets each field through
@@ -57,6 +85,7 @@ _set_in = Lookup.__dict__["inbound"].__set__
 _pr_direction, _pr_verdict, _pr_policy, _pr_per_socket, _pr_sas, _pr_cleartext = (
     PathResult.__dict__[f].__set__ for f in ("direction", "verdict", "policy", "per_socket",
                                              "sas", "cleartext_accepted"))
+_EXPIRE, _FLUSHSA = lib.XFRM_MSG_EXPIRE, lib.XFRM_MSG_FLUSHSA
 _IN_BLOCK = lib.IPSECCHAN_XIDX_DEFAULT_IN_BLOCK
 _OUT_BLOCK = lib.IPSECCHAN_XIDX_DEFAULT_OUT_BLOCK
 
@@ -84,6 +113,16 @@ class Index:
         self.default_in = default_in
         self.default_out = default_out
         self._sa_cache: dict[int, SA] = {}
+        # SARefs by handle: exact (apply_report drops the records it replaced or removed).
+        self._refs: dict[int, SARef] = {}
+        self._prot_keys: dict[tuple, tuple] = {}     # one object per distinct protection
+        self._info = ffi.new("struct ipsecchan_xidx_sainfo *")
+        self._prot_cap = 512
+        self._prot = ffi.new("uint8_t[]", self._prot_cap)
+        self._changes_cap = 0
+        self._changes = None
+        self._nchanges = ffi.new("size_t *")
+        self._ref_answers: dict[bytes, tuple[PathResult, PathResult]] = {}
         self._pol_cache: dict[int, Policy] = {}
         self._sock_cache: dict[Policy, bytes] = {}
         self._paths: dict = {}
@@ -131,18 +170,100 @@ class Index:
         self.clear()
         self.apply(data, now=now)
 
+    def apply_report(self, data, *, now: float | None = None):
+        """apply(), also saying what each message did: returns (count, changes, n, gone):
+        changes are n `struct ipsecchan_xidx_change` (valid until the next call); gone holds
+        the SARefs of records replaced or removed, by old handle (forgotten by the index)."""
+        view = ffi.from_buffer(data)
+        need = len(view) // 16 + 1
+        if need > self._changes_cap:
+            self._changes_cap = max(need, 2 * self._changes_cap, 64)
+            self._changes = ffi.new("struct ipsecchan_xidx_change[]", self._changes_cap)
+        changes = self._changes
+        r = lib.ipsecchan_xidx_apply_report(self._x, view, len(view),
+                                            time.time() if now is None else now, self._bad,
+                                            self._applied, changes, self._changes_cap,
+                                            self._nchanges)
+        n = self._nchanges[0]
+        refs = self._refs
+        if n:
+            # Answers name records by handle; after a change they are rebuilt on demand (the
+            # cache serves the many latches looked at in one round, and holds no stale SA).
+            self._ref_answers.clear()
+        gone = {}
+        for i in range(n):
+            c = changes[i]
+            old = c.old_handle
+            if old:
+                ref = refs.pop(old, None)
+                if ref is not None:
+                    gone[old] = ref
+            elif c.type == _EXPIRE and c.handle:
+                refs.pop(c.handle, None)     # marked dying in place: its answers change
+            elif c.type == _FLUSHSA:
+                gone.update(refs)
+                refs.clear()
+        if r < 0:
+            if r == lib.IPSECCHAN_XIDX_ENOMEM:
+                raise MemoryError("XFRM index: out of memory")
+            raise IndexFormatError(r, self._bad[0], self._applied[0])
+        return r, changes, n, gone
+
+    def sa_ref(self, h: int) -> SARef:
+        """The SARef of a current record (LookupError for a stale handle)."""
+        ref = self._refs.get(h)
+        if ref is not None:
+            return ref
+        info = self._info
+        while True:
+            if lib.ipsecchan_xidx_sa_info(self._x, h, info, self._prot, self._prot_cap) < 0:
+                raise LookupError(f"SA handle {h:#x} is stale")
+            if info.prot_len <= self._prot_cap:
+                break
+            self._prot_cap = 2 * info.prot_len
+            self._prot = ffi.new("uint8_t[]", self._prot_cap)
+        fam = info.family
+        ref = _new(SARef)
+        ref.handle = h
+        ref.family = fam
+        ref.dst = dst = _addr_text(fam, ffi.unpack(info.dst, 16))
+        ref.src = _addr_text(fam, ffi.unpack(info.src, 16))
+        ref.proto = proto = PROTO_NAMES.get(info.proto) or str(info.proto)
+        ref.spi = spi = info.spi
+        ref.key = (fam, dst, proto, spi)
+        ref.reqid = info.reqid
+        ref.mode = mode = MODE_NAMES.get(info.mode) or str(info.mode)
+        ref.flags = info.flags
+        ref.add_time = info.add_time
+        ref.sel_other = bool(info.sel_other)
+        pk = (proto, mode, ffi.buffer(self._prot, info.prot_len)[:], bool(info.encap))
+        ref.prot_key = self._prot_keys.setdefault(pk, pk)
+        ref._index = self
+        ref._full = None
+        refs = self._refs
+        if len(refs) > 2 * lib.ipsecchan_xidx_sa_count(self._x) + 1024:
+            refs.clear()                     # not expected (removals are reported): bound it
+        if len(self._prot_keys) > 4096:
+            self._prot_keys.clear()
+        refs[h] = ref
+        return ref
+
     def clear(self) -> None:
         lib.ipsecchan_xidx_clear(self._x)
+        self._refs.clear()
+        self._ref_answers.clear()
         self._paths.clear()
         self._answers.clear()
         self._sa_cache.clear()
         self._pol_cache.clear()
 
     # -- views --
-    def _sa(self, h: int) -> SA:
+    def _sa(self, h: int, strict: bool = False) -> SA:
         sa = self._sa_cache.get(h)
         if sa is None:
             ptr = lib.ipsecchan_xidx_sa_message(self._x, h, self._len)
+            if strict and ptr == ffi.NULL:
+                raise LookupError(f"SA handle {h:#x} is stale")
             sa = decode_sa(bytes(ffi.buffer(ptr, self._len[0])))
             if len(self._sa_cache) > 2 * lib.ipsecchan_xidx_sa_count(self._x) + 1024:
                 self._sa_cache.clear()       # stale handles: start over
@@ -217,6 +338,40 @@ class Index:
         _set_in(res, pair[1])
         return res
 
+    def lookup_refs(self, flow: Flow) -> Lookup:
+        """lookup(flow) without per-socket policies, for latching, which asks it for every
+        latch after every change and reads verdicts and SAs only: the SAs are SARefs and the
+        paths carry no policy record (None); nothing is decoded."""
+        local, remote = flow.local, flow.remote
+        la = _ADDRS.get(local) or _addr16(local)
+        ra = _ADDRS.get(remote) or _addr16(remote)
+        defaults = (_IN_BLOCK if self.default_in == "block" else 0) \
+            | (_OUT_BLOCK if self.default_out == "block" else 0)
+        n = _C_LOOKUP(self._x, flow.family, flow.proto, la, flow.local_port, ra,
+                      flow.remote_port, flow.mark, flow.ifindex, flow.if_id, defaults,
+                      self._out, self._cap)
+        if n < 0 or n > self._cap:
+            # More SAs than the answer buffer holds: the general path grows it.
+            self._lookup_sock(flow, None)
+            return self.lookup_refs(flow)
+        key = self._outbuf[:n * 8]
+        pair = self._ref_answers.get(key)
+        if pair is None:
+            answers = self._ref_answers
+            if len(answers) >= 1024:
+                # The cache serves the many latches sharing SAs within a round; a round over
+                # thousands of SA pairs gains nothing from it and would only hold memory.
+                answers.clear()
+            v = ffi.unpack(self._out, n)
+            k = 4 + v[3]
+            pair = answers[key] = (self._mkpath("out", v[:k], self.sa_ref, False),
+                                   self._mkpath("in", v[k:], self.sa_ref, False))
+        res = _new(Lookup)
+        _set_flow(res, flow)
+        _set_out(res, pair[0])
+        _set_in(res, pair[1])
+        return res
+
     def _pair(self, key: bytes, n: int) -> tuple[PathResult, PathResult]:
         """The paths of an answer (key: its words as bytes) not seen before as a whole."""
         if len(self._answers) > self._limit:
@@ -229,14 +384,15 @@ class Index:
         pair = self._answers[key] = (self._mkpath("out", v[:k]), self._mkpath("in", v[k:]))
         return pair
 
-    def _mkpath(self, direction: str, words: list[int]) -> PathResult:
+    def _mkpath(self, direction: str, words: list[int], sa=None, policy: bool = True
+                ) -> PathResult:
         verdict, ph, flags = words[0], words[1], words[2]
         res = _new(PathResult)
         _pr_direction(res, direction)
         _pr_verdict(res, _VERDICTS[verdict])
-        _pr_policy(res, self._policy(ph) if ph else None)
+        _pr_policy(res, self._policy(ph) if ph and policy else None)
         _pr_per_socket(res, bool(flags & 1))
-        sa = self._sa
+        sa = sa or self._sa
         _pr_sas(res, tuple([sa(h) for h in words[4:]]))
         _pr_cleartext(res, bool(flags & 2))
         return res

@@ -15,10 +15,10 @@ import socket
 import time
 from typing import Callable
 
-from ipsecchan._native import lib
+from ipsecchan._native import ffi, lib
 from ipsecchan.netlink import split_messages
 from ipsecchan.xfrm.lookup import ReferenceIndex
-from ipsecchan.xfrm.messages import XfrmEvent, decode_event
+from ipsecchan.xfrm.messages import PROTO_NAMES, XfrmEvent, _addr_text, decode_event
 from ipsecchan.xfrm.netlink_xfrm import (NETLINK_XFRM, decode_default_policy, dump_messages,
                                          get_default_policy)
 
@@ -58,16 +58,48 @@ class XfrmMonitor:
         self.sock.close()
 
 
+_SA_KINDS = {lib.XFRM_MSG_NEWSA: "sa-new", lib.XFRM_MSG_UPDSA: "sa-update",
+             lib.XFRM_MSG_DELSA: "sa-delete", lib.XFRM_MSG_EXPIRE: "sa-expire"}
+_FLUSHSA, _GETDEFAULT = lib.XFRM_MSG_FLUSHSA, lib.XFRM_MSG_GETDEFAULT
+_HDR = 16                                            # struct nlmsghdr
+# XfrmEvent is a frozen dataclass with slots: setting the slots directly builds the same
+# object for less (light events are made by the ten thousand in a rekey burst).
+_new_event = object.__new__
+_ev_set = {f: XfrmEvent.__dict__[f].__set__ for f in XfrmEvent.__dataclass_fields__}
+
+
+def _sa_event(kind: str, sa, key: tuple, hard: bool) -> XfrmEvent:
+    ev = _new_event(XfrmEvent)
+    s = _ev_set
+    s["kind"](ev, kind)
+    s["sa"](ev, sa)
+    s["sa_key"](ev, key)
+    s["policy"](ev, None)
+    s["policy_key"](ev, None)
+    s["hard"](ev, hard)
+    s["flush_proto"](ev, 0)
+    s["acquire"](ev, None)
+    return ev
+
+
 class XfrmView:
     """An index (ReferenceIndex, or the C Index) that follows the kernel.
 
     poll() applies what is pending and returns the decoded events (acquires included, which
     do not change the index); after an overrun it returns a single XfrmEvent("resync").
+
+    light=True (the C Index only): SA events carry the index's SARef of the SA (its new
+    record; for a delete or hard expire the removed record's SARef when the index had made
+    one, else None) instead of a decoded SA, and the messages are parsed once, by the index.
+    Policy, flush, acquire and default-policy messages are decoded as usual (they are rare).
     """
 
+    light = False
+
     def __init__(self, index_factory: Callable[[], object] = ReferenceIndex, *,
-                 rcvbuf: int = DEFAULT_RCVBUF):
+                 rcvbuf: int = DEFAULT_RCVBUF, light: bool = False):
         self.index = index_factory()
+        self.light = light and hasattr(self.index, "apply_report")
         self.resyncs = 0
         self.monitor = XfrmMonitor(rcvbuf=rcvbuf)
         try:
@@ -113,6 +145,15 @@ class XfrmView:
                 return [XfrmEvent("resync")]
             if data is None:
                 return events
+            if self.light:
+                try:
+                    events += self._light_events(data)
+                except ValueError:
+                    # A message the index rejected: the messages before it were applied, the
+                    # rest not. The view would be wrong: rebuild it, and say so.
+                    self.resync()
+                    return [XfrmEvent("resync")]
+                continue
             changed = False
             for m in split_messages(data):
                 if m.type == lib.XFRM_MSG_GETDEFAULT:      # the default policy changed
@@ -126,6 +167,38 @@ class XfrmView:
             if changed:
                 # The index takes the raw bytes (the C index parses them itself).
                 self.index.apply(data)
+
+    def _light_events(self, data) -> list[XfrmEvent]:
+        index = self.index
+        _count, changes, n, gone = index.apply_report(data)
+        events = []
+        for i in range(n):
+            c = changes[i]
+            t = c.type
+            kind = _SA_KINDS.get(t)
+            if kind is not None:
+                fam = c.family
+                proto = PROTO_NAMES.get(c.proto) or str(c.proto)
+                key = (fam, _addr_text(fam, ffi.unpack(c.dst, 16)), proto, c.spi)
+                # handle: the record stored (or marked dying) now; else the one removed
+                try:
+                    sa = index.sa_ref(c.handle) if c.handle else gone.get(c.old_handle)
+                except LookupError:
+                    # A later message of the same datagram replaced or removed the record:
+                    # this event tells of the SA as its own message has it.
+                    events.append(decode_event(t, memoryview(data)[c.offset + _HDR:
+                                                                   c.offset + c.len]))
+                    continue
+                events.append(_sa_event(kind, sa, key, bool(c.hard)))
+                continue
+            payload = memoryview(data)[c.offset + _HDR:c.offset + c.len]
+            if t == _GETDEFAULT:                           # the default policy changed
+                index.default_in, index.default_out = decode_default_policy(payload)
+                continue
+            ev = decode_event(t, payload)
+            if ev is not None:
+                events.append(ev)
+        return events
 
     def close(self) -> None:
         self.monitor.close()
