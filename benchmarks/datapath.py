@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 from ipsecchan.lab import Kernel, Lab

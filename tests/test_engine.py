@@ -85,7 +85,7 @@ import collections                                            # noqa: E402
 import time                                                   # noqa: E402
 
 from ipsecchan._native import ffi, lib                        # noqa: E402
-from ipsecchan.ike.base import SAIdentity, State              # noqa: E402
+from ipsecchan.ike.base import Event, SAIdentity, State       # noqa: E402
 from ipsecchan.latch import engine                            # noqa: E402
 from ipsecchan.latch.machine import HISTORY_LIMIT, Cause, LatchRefused   # noqa: E402
 from ipsecchan.xfrm import encode                             # noqa: E402
@@ -274,3 +274,83 @@ def test_alerts_and_history_are_bounded():
     assert len(heard) == 1 + 2 * max(engine.ALERTS_LIMIT, HISTORY_LIMIT)   # owners hear all
     assert len(h.alerts) == engine.ALERTS_LIMIT and h.alerts[-1] is heard[-1]
     assert len(h.latch.history) == HISTORY_LIMIT
+
+
+class EpochSource(Source):
+    """Source with an IdentitySource.epoch, bumped when the daemon goes or comes back (and
+    said by an event, as the strongSwan source does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch, self.events = 0, []
+
+    def set_down(self, down: bool):
+        self.down = down
+        self.epoch += 1
+        self.events.append(Event("daemon-lost" if down else "daemon-back", "test"))
+
+    def next_event(self, timeout=None):
+        return self.events.pop(0) if self.events else None
+
+
+def test_an_epoch_source_is_asked_once_per_sa_until_its_epoch_changes():
+    lat, view, _ = _world()
+    src = lat.identities = EpochSource()
+    s = Sock()
+    h = lat.latch(s)
+    assert src.asked == 2
+    lat.latch(Sock(40001))
+    assert src.asked == 2                      # same epoch, same SA records: not asked again
+    view.feed(encode.newsa(_sa(PEER, LOCAL, 0x201)))
+    lat.poll()
+    assert src.asked == 3                      # only the new SA
+    src.set_down(True)                         # a new epoch: every answer asked again
+    lat.poll()
+    assert h.state is LatchState.BROKEN and h.latch.cause is Cause.NOT_VERIFIED
+    asked = src.asked
+    src.set_down(False)
+    lat.poll()
+    assert h.state is LatchState.ESTABLISHED and src.asked > asked
+
+
+def test_a_latch_waiting_for_its_identities_does_not_hold_up_the_others(monkeypatch):
+    # carol's SAs are new and no source names them yet: her latch waits (the identity grace)
+    # for the daemon; bob's latch, meanwhile, from another thread, must not wait for hers.
+    import dataclasses
+    import threading
+    monkeypatch.setattr(engine, "IDENTITY_GRACE", 1.5)
+    carol = "127.0.0.3"
+    t2 = Template(V4, "", "", "esp", 0, 2, "transport", False)
+    pols = [Policy("out", "allow", 100, 17, Selector(V4, LOCAL, carol, 32, 32, 0, 0, 0, 0, 0, 0),
+                   (t2,), None, None, None),
+            Policy("in", "allow", 100, 24, Selector(V4, carol, LOCAL, 32, 32, 0, 0, 0, 0, 0, 0),
+                   (t2,), None, None, None)]
+    now = int(time.time()) + 1             # whole seconds: the wait is 1.5 to 2.5 s from now
+    fresh = [dataclasses.replace(_sa(a, b, spi), reqid=2, add_time=now)
+             for a, b, spi in ((LOCAL, carol, 0x700), (carol, LOCAL, 0x800))]
+    lat, view, _ = _world()
+    view.index.apply(encode.dump(fresh, pols))
+
+    class CarolSock(Sock):
+        def getpeername(self):
+            return (carol, 5000)
+
+    done = {}
+
+    def latch_carol():
+        t = time.monotonic()
+        try:
+            lat.latch(CarolSock(40002))
+        except LatchRefused as exc:
+            done["carol"] = (exc.cause, time.monotonic() - t)
+
+    th = threading.Thread(target=latch_carol)
+    th.start()
+    time.sleep(0.3)                                 # carol's latch is waiting now
+    t = time.monotonic()
+    h = lat.latch(Sock())
+    bob_took = time.monotonic() - t
+    th.join(5)
+    assert h.state is LatchState.ESTABLISHED and h.latch.params.peer.id == "bob"
+    assert done["carol"][0] is Cause.IDENTITY_UNKNOWN and done["carol"][1] >= 1.4
+    assert bob_took < 0.5, bob_took                # not behind carol's 1.5 s wait

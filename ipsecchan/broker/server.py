@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import array
 import collections
+import concurrent.futures
 import ctypes
 import errno
 import grp
@@ -73,6 +74,7 @@ MAX_BATCH = 16                 # requests read from one client per turn: others 
 FD_RESERVE = 64                # descriptors kept free for the broker's own work
 CLOSERS = 64                   # at most this many threads closing clients' descriptors
 ACCEPT_PAUSE = 1.0             # out of descriptors: stop accepting for this long
+LATCH_WORKERS = 8              # latches made at once (one may wait seconds for its identities)
 _SYS_PIDFD_GETFD = 438         # the same number on every architecture (since Linux 5.6)
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
@@ -283,10 +285,14 @@ class Client:
     events: int = selectors.EVENT_READ
     closed: bool = False
     follower: bool = False          # an operator following every latch's alerts (watch)
+    busy: bool = False              # a latch of its is being made: its next requests wait
 
     def label(self) -> str:
         return f"pid={self.pid} uid={self.uid} gid={self.gid}"
 
+
+# by_ino's mark for a socket whose latch a worker is making.
+_BEING_LATCHED = object()
 
 _own_cookie: list = []
 
@@ -449,6 +455,13 @@ class Broker:
         os.set_blocking(self._wake_r, False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._stop = threading.Event()
+        # Latches are made in worker threads: one waiting for its identities (the grace
+        # after a rekey, up to seconds) must not hold up every other client. Finished ones
+        # come back through _done (and a byte on the wake pipe) to this loop, which alone
+        # touches the broker's state.
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            LATCH_WORKERS, thread_name_prefix="ipsecchan-latch")
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._next_sweep = 0.0
         self._accept_paused = 0.0
         self.latcher.observers.append(self._on_alert)
@@ -493,6 +506,7 @@ class Broker:
                             os.read(self._wake_r, 64)
                         except BlockingIOError:
                             pass
+                        self._finish_latches()
                     elif isinstance(what, Client) and not what.closed:
                         if mask & selectors.EVENT_WRITE:
                             self._flush(what)
@@ -504,6 +518,7 @@ class Broker:
                                   else what)
                     if isinstance(what, Client):
                         self._drop(what, "internal error")
+            self._finish_latches()          # (the wake byte is a hint; this is the check)
             # XFRM and IKE events (the IKE source queues them from its own thread).
             try:
                 self.latcher.poll(0)
@@ -524,6 +539,8 @@ class Broker:
             pass
 
     def close(self) -> None:
+        self._workers.shutdown(wait=True)       # latches being made: finished, then dropped
+        self._finish_latches()
         for client in list(self.clients):
             self._drop(client, "broker stopping")
         self.sel.close()
@@ -583,7 +600,7 @@ class Broker:
 
     def _read(self, client: Client) -> None:
         for _ in range(MAX_BATCH):
-            if client.queued or client.closed:
+            if client.queued or client.closed or client.busy:
                 return      # replies wait for it: read no more of its requests meanwhile
             try:
                 msg, fds = protocol.recv(client.conn, _dispose)
@@ -599,7 +616,11 @@ class Broker:
             if msg is None:
                 self._drop(client, "closed")
                 return
-            self._reply(client, self._request(client, msg, fds))
+            reply = self._request(client, msg, fds)
+            if reply is None:               # a latch being made: answered when it is done
+                self._rest(client)
+                return
+            self._reply(client, reply)
 
     # -- requests --
     def _request(self, client: Client, msg: dict, fds: list[int]) -> dict:
@@ -610,7 +631,9 @@ class Broker:
                 raise RequestError("'id' must be an integer", errno.EINVAL)
             if len(fds) > 1:
                 raise RequestError("one socket per request", errno.EINVAL)
-            reply = self._handle(client, msg, fds)
+            reply = self._handle(client, msg, fds, rid)
+            if reply is None:
+                return None
         except RequestError as exc:
             reply = {"ok": False, "error": str(exc), "errno": exc.code, "cause": exc.cause}
         except Exception:         # a bug: answer, log, keep serving others
@@ -623,7 +646,7 @@ class Broker:
         reply["id"] = rid
         return reply
 
-    def _handle(self, client: Client, msg: dict, fds: list[int]) -> dict:
+    def _handle(self, client: Client, msg: dict, fds: list[int], rid=None) -> dict | None:
         op = msg.get("op")
         if op not in _OPS:
             raise RequestError(f"unknown op {_short(op)}", errno.EINVAL)
@@ -668,22 +691,88 @@ class Broker:
                            ino)
         try:
             self._check_client_fd(ref)
-            if ref.pidfd is None and not self._fd_room(1):
+            # The received descriptor is held until the latch is made.
+            if not self._fd_room(1):
                 raise RequestError("the broker is out of descriptors", errno.EMFILE)
             self._claim(ino)
-            handle = self._latch(op, ref, req, listener, expect)
         except BaseException:
             ref.close()
             raise
-        ref.let_go()
-        self.held += ref.held
-        client.latches[handle.id] = handle
-        self.owner[handle.id] = client
-        self.by_ino[ino] = handle
-        self.per_uid[client.uid] += 1
-        log.info("latch %d (%s) for %s: %s", handle.id, op, client.label(),
-                 handle.latch.state.value)
-        return {"ok": True, "latch": protocol.latch_json(handle)}
+        self.by_ino[ino] = _BEING_LATCHED
+        self.held += 1
+        client.busy = True
+        try:
+            self._workers.submit(self._latch_job, client, rid, op, ref, ino, req, listener,
+                                 expect)
+        except BaseException:
+            self.by_ino.pop(ino, None)
+            self.held -= 1
+            client.busy = False
+            ref.close()
+            raise
+        return None
+
+    def _latch_job(self, client: Client, rid, op: str, ref: ClientSocket, ino: int,
+                   req, listener, expect) -> None:
+        """In a worker thread: make the latch (the Latcher is thread-safe), hand it back."""
+        try:
+            result = self._latch(op, ref, req, listener, expect)
+        except BaseException as exc:
+            result = exc
+        self._done.put((client, rid, op, ref, ino, result))
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass                # closing: close() finishes what is left
+
+    def _finish_latches(self) -> None:
+        """Latches made by the workers: recorded and answered (in the loop's thread)."""
+        while True:
+            try:
+                client, rid, op, ref, ino, result = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self.held -= 1
+            if self.by_ino.get(ino) is _BEING_LATCHED:
+                del self.by_ino[ino]
+            client.busy = False
+            if isinstance(result, BaseException):
+                ref.close()
+                if isinstance(result, RequestError):
+                    reply = {"ok": False, "error": str(result), "errno": result.code,
+                             "cause": result.cause}
+                else:             # a bug: answer, log, keep serving others
+                    log.error("latch for %s", client.label(), exc_info=result)
+                    reply = {"ok": False, "error": "internal error (logged by the broker)",
+                             "errno": None, "cause": None}
+            elif client.closed:
+                # Gone meanwhile (its pidfd closed with it): its socket, still held here, is
+                # blocked (nobody verifies it any more) and the latch forgotten.
+                handle = result
+                try:
+                    apply(ref, Block(Cause.NOT_VERIFIED))
+                    handle.sock = _Detached(ref.family)     # closing the latch keeps the block
+                    self.latcher.release(handle)
+                except OSError as exc:
+                    log.warning("latch %d of %s, gone: %s", handle.id, client.label(), exc)
+                ref.close()
+                continue
+            else:
+                handle = result
+                ref.let_go()
+                self.held += ref.held
+                client.latches[handle.id] = handle
+                self.owner[handle.id] = client
+                self.by_ino[ino] = handle
+                self.per_uid[client.uid] += 1
+                log.info("latch %d (%s) for %s: %s", handle.id, op, client.label(),
+                         handle.latch.state.value)
+                reply = {"ok": True, "latch": protocol.latch_json(handle)}
+            reply["id"] = rid
+            self._reply(client, reply)
+            if not client.closed:
+                self._rest(client)
+                self._read(client)      # its requests that waited
 
     def _abort(self, fd: int) -> dict:
         """A connection whose latch was refused is about to be reset by its owner: clear the
@@ -729,6 +818,8 @@ class Broker:
         other = self.by_ino.get(ino)
         if other is None:
             return
+        if other is _BEING_LATCHED:
+            raise RequestError(busy, errno.EBUSY)
         if other.sock.gone:       # closed without a release, its inode since reused
             owner = self.owner.get(other.id)
             if owner is not None:
@@ -880,12 +971,23 @@ class Broker:
                 self._drop(client, f"send: {exc}")
                 return
             client.queued.popleft()
-        self._interest(client, selectors.EVENT_READ)
+        self._rest(client)
+
+    def _rest(self, client: Client) -> None:
+        """Nothing to send: wait for its requests, or (while its latch is being made) for
+        nothing: a readable socket not read would wake the loop at once, again and again."""
+        self._interest(client, 0 if client.busy else selectors.EVENT_READ)
 
     def _interest(self, client: Client, events: int) -> None:
-        if client.events != events and not client.closed:
+        if client.events == events or client.closed:
+            return
+        if not events:
+            self.sel.unregister(client.conn)
+        elif not client.events:
+            self.sel.register(client.conn, events, client)
+        else:
             self.sel.modify(client.conn, events, client)
-            client.events = events
+        client.events = events
 
     def _sweep(self) -> None:
         """Latches whose socket is gone (closed without a release) are released."""

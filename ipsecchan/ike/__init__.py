@@ -35,6 +35,12 @@ class ChainSource:
             raise ValueError("a ChainSource needs at least one source")
         self.sources = list(sources)
 
+    @property
+    def epoch(self):
+        """Changes when any source's does; None when any source has none."""
+        epochs = tuple(getattr(src, "epoch", None) for src in self.sources)
+        return None if None in epochs else epochs
+
     def identify(self, sa) -> SAIdentity:
         reasons = []
         for src in self.sources:

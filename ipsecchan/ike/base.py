@@ -132,6 +132,13 @@ class Event:
 
 @runtime_checkable
 class IdentitySource(Protocol):
+    """name: the source's name in answers.
+
+    epoch (optional): a value that changes whenever a VERIFIED answer this source gave might
+    no longer be its answer for the same SA, i.e. when it loses or regains its daemon, or
+    reloads its configuration (an SA's identities do not change during the SA's life). A
+    source that cannot promise this (or does not know: no event session) has no epoch or
+    None, and is asked again every time."""
     name: str
 
     def identify(self, sa) -> SAIdentity:

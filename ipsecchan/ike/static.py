@@ -67,6 +67,7 @@ def _rule(entry: dict) -> Rule:
 
 class StaticSource:
     name = SOURCE
+    epoch = 0           # its rules never change (a reload is a new source)
 
     def __init__(self, config: dict | list):
         entries = config.get("sas", []) if isinstance(config, dict) else config

@@ -280,6 +280,7 @@ class StrongSwanSource:
         self._gen = 0                       # bumped by every event: invalidates the cache
         self._auth: dict[tuple[str, int | None], tuple[EndAuth, EndAuth]] = {}
         self._connected = False             # the event session is registered
+        self._session_epoch = 0             # bumped whenever the event session comes or goes
         self._stop = threading.Event()
         self._listen_sock: socket.socket | None = None
         self._thread = None
@@ -287,6 +288,12 @@ class StrongSwanSource:
         if follow:
             self._thread = threading.Thread(target=self._run, name="vici-events", daemon=True)
             self._thread.start()
+
+    @property
+    def epoch(self) -> int | None:
+        """IdentitySource.epoch: one per event session. Without one (follow=False) the loss
+        of charon is seen only by asking: no epoch."""
+        return self._session_epoch if self.follow else None
 
     # -- VICI -------------------------------------------------------------------------------
     def _session(self):
@@ -435,6 +442,7 @@ class StrongSwanSource:
         with self._lock:
             was = self._connected
             self._connected = up
+            self._session_epoch += 1
             self._gen += 1
             self._cache = None
             if not up:

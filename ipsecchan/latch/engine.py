@@ -140,21 +140,25 @@ class Latcher:
         self._ids = itertools.count(1)
         self._backlog: list = []     # XFRM events read while observing, for the next poll()
         self._pending: set[int] = set()   # latches whose last observation was pending
-        # Per SA key, the last verified answer: [SA record, SAFacts, round]. The facts stand
+        # Per SA key, the last verified answer: [SA record, SAFacts, validity]. The facts stand
         # while the index hands out the same record (one object per version of an SA) and the
         # identity source names the same parties; the source is asked again in every round
-        # (it may have become unavailable), but once per round: a round is one latch() or
-        # accept() (both of its looks), one poll(), or one observe(). The parties outlive the
+        # (it may have become unavailable) or epoch (see _next_round), but once per round: a
+        # round is one latch() or accept() (both of its looks), one poll(), or one
+        # observe(). The parties outlive the
         # source's listing: an SA's peer cannot change during its life, and strongSwan stops
         # listing a rekeyed CHILD_SA while its inbound SA still lives a few seconds (charon's
         # delete_rekeyed_delay). Forgotten when the SA goes.
         self._sa_facts: dict[tuple, list] = {}
         self._round = 0
+        self._valid = (1, 0)             # what a cached verified answer must carry to stand
         self._parties: dict = {}         # Identity -> Party
+        self._sides: dict = {}           # tuple of SAFacts -> the same (shared) tuple
         self._protections: dict = {}     # (proto, mode, algorithms, encap) -> Protection
         # Latching, polling and releasing may come from several threads (the socket API's
         # event thread, the application's); one lock, never taken on the data path.
         self.lock = threading.RLock()
+        self._idle = threading.Condition(self.lock)    # to wait without holding the lock
         # Called with (handle, alert) for every alert of every latch, after its owner: for
         # `ipsecchan watch` and status queries. Must not block.
         self.observers: list[Callable[[LatchHandle, Alert], None]] = []
@@ -180,21 +184,30 @@ class Latcher:
             p = self._protections[key] = Protection.of(sa.full() if ref else sa)
         return p
 
+    def _next_round(self) -> None:
+        """A new round: verified answers cached in an earlier one are asked again, unless the
+        identity source has epochs (IdentitySource.epoch): within an epoch a verified answer
+        stands (an SA's identities cannot change during its life; losing the daemon starts a
+        new epoch)."""
+        self._round += 1
+        epoch = getattr(self.identities, "epoch", None)
+        self._valid = (0, epoch) if epoch is not None else (1, self._round)
+
     def _facts(self, sa: SA | SARef) -> tuple[SAFacts | None, SAIdentity]:
         key = sa.key
         hit = self._sa_facts.get(key)
-        if hit is not None and hit[0] is sa and hit[2] == self._round:
-            return hit[1], _ASKED           # verified this round already
+        if hit is not None and hit[0] is sa and hit[2] == self._valid:
+            return hit[1], _ASKED           # verified this round (or this epoch) already
         ans = self.identities.identify(sa)
         state = ans.state
         if state is State.VERIFIED:
             local, peer = self._party_of(ans.local), self._party_of(ans.peer)
             if hit is not None and hit[0] is sa and hit[1].local is local \
                     and hit[1].peer is peer:
-                hit[2] = self._round
+                hit[2] = self._valid
                 return hit[1], ans
             facts = SAFacts(key, sa.reqid, self._protection_of(sa), local, peer, sa.src)
-            self._sa_facts[key] = [sa, facts, self._round]
+            self._sa_facts[key] = [sa, facts, self._valid]
             return facts, ans
         if state is State.UNAVAILABLE:
             return None, ans
@@ -213,7 +226,7 @@ class Latcher:
         first look of a latch may: the confirming look after pinning reads them, and any
         change it finds is judged against the first)."""
         with self.lock:
-            self._round += 1
+            self._next_round()
             return self._observe(flow, fresh)
 
     def _observe(self, flow: Flow, fresh: bool = True) -> Observation:
@@ -240,7 +253,15 @@ class Latcher:
                     now = time.time() if now is None else now
                     pending |= now - sa.add_time < IDENTITY_GRACE
                 facts.append(f)
-            sides.append(tuple(facts))
+            facts = tuple(facts)
+            # One tuple object per distinct list of SAs: latches on the same SAs share it
+            # in their parameters.
+            shared = self._sides.get(facts)
+            if shared is None:
+                if len(self._sides) >= 1024:
+                    self._sides.clear()
+                shared = self._sides[facts] = facts
+            sides.append(shared)
         return Observation(True, out.verdict, inbound.verdict, sides[0], sides[1],
                            inbound.cleartext_accepted, pending=pending)
 
@@ -251,7 +272,10 @@ class Latcher:
             return obs
         end = time.monotonic() + IDENTITY_GRACE
         while time.monotonic() < end:
-            time.sleep(0.05)
+            # Waiting on the condition lets go of the lock (all its levels) meanwhile: other
+            # threads' latches and event rounds go on while this one waits for the daemon.
+            # Whatever they change, the next look below reads.
+            self._idle.wait(0.05)
             obs = self._observe(flow, True)
             if not obs.pending:
                 return obs
@@ -308,7 +332,7 @@ class Latcher:
 
     def _establish(self, sock, flow, latch_or_holder, begin, on_alert, listener=None):
         latch = None
-        self._round += 1
+        self._next_round()
         try:
             first = self._settled(flow, fresh=False)
             effects = begin(first)
@@ -409,7 +433,7 @@ class Latcher:
                 gc.enable()
 
     def _round_of_events(self) -> list[tuple[LatchHandle, Alert]]:
-        self._round += 1
+        self._next_round()
         touched: set[int] = set()
         try:
             self._take(self.view.poll(0))

@@ -391,8 +391,9 @@ class Latch:
         if keys == old_keys:
             return []
         moved = (keys[0], params.reqids) != (old_keys[0], latched.reqids)
-        self.params = replace(latched, out_sas=params.out_sas, in_sas=params.in_sas,
-                              reqids=params.reqids)
+        # The latched identities and protection stay; the SAs carrying them now are new.
+        self.params = LatchParams(True, latched.local, latched.peer, latched.protection,
+                                  params.reqids, params.out_sas, params.in_sas)
         if not moved:
             # Only the set of accepted inbound SAs changed (a rekey's old inbound SA gone):
             # the IN pin (by reqid) stands, nothing to tell.

@@ -71,7 +71,7 @@ class LatchRegistry:
         self._entries: dict[Hashable, tuple[tuple[int, str], tuple]] = {}
         self._by_peer = _IdIndex()          # (family, address) -> ids
         self._by_sa = _IdIndex()            # SA key -> ids
-        self._by_spi = _IdIndex()           # SPI -> ids
+        self._by_spi = _IdIndex()           # SPI -> SA keys (an SA's, not a latch's)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -93,13 +93,15 @@ class LatchRegistry:
     def _link(self, latch_id: Hashable, keys: tuple) -> None:
         self._entries[latch_id] = (self._entries[latch_id][0], keys)
         for key in keys:
+            if key not in self._by_sa:
+                self._by_spi.add(key[3], key)
             self._by_sa.add(key, latch_id)
-            self._by_spi.add(key[3], latch_id)
 
     def _unlink(self, latch_id: Hashable) -> None:
         for key in self._entries[latch_id][1]:
             self._by_sa.discard(key, latch_id)
-            self._by_spi.discard(key[3], latch_id)
+            if key not in self._by_sa:
+                self._by_spi.discard(key[3], key)
 
     def remove(self, latch_id: Hashable) -> None:
         if latch_id not in self._entries:
@@ -144,7 +146,8 @@ class LatchRegistry:
         """Latches on SAs with these SPIs (an IKE rekey or delete names SPIs, not keys)."""
         out = set()
         for spi in spis:
-            out.update(self._by_spi.ids(spi))
+            for key in self._by_spi.ids(spi):
+                out.update(self._by_sa.ids(key))
         return out
 
     def _covered(self, sel: Selector) -> set:

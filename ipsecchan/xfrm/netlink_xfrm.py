@@ -8,6 +8,7 @@ answer: an incomplete view of the SPD must not pass for the whole of it.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -102,6 +103,14 @@ def socket_policy_bytes(family: int, direction: str, templates=(), *, action: st
     """
     if direction not in _SOCKET_DIRS:
         raise ValueError(f"a socket policy's direction is 'in' or 'out', not {direction!r}")
+    # Built from cached parts: latching sets two of these per connection and per rekey, and
+    # most parts repeat (the header always; an IN template per reqid).
+    return _policy_header(family, direction, action, priority) + b"".join(
+        map(_template_bytes, templates))
+
+
+@functools.lru_cache(maxsize=64)
+def _policy_header(family: int, direction: str, action: str, priority: int) -> bytes:
     pol = ffi.new("struct xfrm_userpolicy_info *")
     for field in ("soft_byte_limit", "hard_byte_limit", "soft_packet_limit",
                   "hard_packet_limit"):
@@ -110,22 +119,25 @@ def socket_policy_bytes(family: int, direction: str, templates=(), *, action: st
     pol.dir = _SOCKET_DIRS[direction]
     pol.action = {"allow": lib.XFRM_POLICY_ALLOW, "block": lib.XFRM_POLICY_BLOCK}[action]
     pol.priority = priority
-    out = bytes(ffi.buffer(pol))
-    protos = {"esp": socket.IPPROTO_ESP, "ah": socket.IPPROTO_AH}
-    modes = {"transport": lib.XFRM_MODE_TRANSPORT, "tunnel": lib.XFRM_MODE_TUNNEL}
-    for t in templates:
-        tm = ffi.new("struct xfrm_user_tmpl *")
-        tm.family = t.family
-        tm.id.proto = protos[t.proto]
-        tm.id.spi = socket.htonl(t.spi)
-        _put_addr(tm.id.daddr, t.family, t.dst)
-        _put_addr(tm.saddr, t.family, t.src)
-        tm.reqid = t.reqid
-        tm.mode = modes[t.mode]
-        tm.optional = int(t.optional)
-        tm.aalgos = tm.ealgos = tm.calgos = 0xFFFFFFFF     # any algorithm the SA has
-        out += bytes(ffi.buffer(tm))
-    return out
+    return bytes(ffi.buffer(pol))
+
+
+_PROTOS = {"esp": socket.IPPROTO_ESP, "ah": socket.IPPROTO_AH}
+
+
+@functools.lru_cache(maxsize=512)
+def _template_bytes(t) -> bytes:
+    tm = ffi.new("struct xfrm_user_tmpl *")
+    tm.family = t.family
+    tm.id.proto = _PROTOS[t.proto]
+    tm.id.spi = socket.htonl(t.spi)
+    _put_addr(tm.id.daddr, t.family, t.dst)
+    _put_addr(tm.saddr, t.family, t.src)
+    tm.reqid = t.reqid
+    tm.mode = {"transport": lib.XFRM_MODE_TRANSPORT, "tunnel": lib.XFRM_MODE_TUNNEL}[t.mode]
+    tm.optional = int(t.optional)
+    tm.aalgos = tm.ealgos = tm.calgos = 0xFFFFFFFF     # any algorithm the SA has
+    return bytes(ffi.buffer(tm))
 
 
 def _put_addr(field, family: int, text: str) -> None:
