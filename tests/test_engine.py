@@ -335,6 +335,13 @@ def test_a_latch_waiting_for_its_identities_does_not_hold_up_the_others(monkeypa
         def getpeername(self):
             return (carol, 5000)
 
+    # Not waiting: refused at once as "would wait", nothing left on the socket or in the engine.
+    s = CarolSock(40003)
+    t = time.monotonic()
+    with pytest.raises(engine.LatchWouldWait):
+        lat.latch(s, wait=False)
+    assert time.monotonic() - t < 0.5 and s.ops == ["clear"] and lat.latches() == []
+
     done = {}
 
     def latch_carol():

@@ -59,7 +59,7 @@ from ipsecchan.broker import protocol
 from ipsecchan.latch.enforce import apply
 from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, Policy,
                                      Requirements, conflict)
-from ipsecchan.latch.engine import Latcher
+from ipsecchan.latch.engine import Latcher, LatchWouldWait
 from ipsecchan.xfrm import clear_socket_policies
 
 log = logging.getLogger("ipsecchan.broker")
@@ -698,6 +698,18 @@ class Broker:
         except BaseException:
             ref.close()
             raise
+        try:
+            # Most latches need no wait: made at once, here. One that would wait for its
+            # identities goes to a worker.
+            handle = self._latch(op, ref, req, listener, expect, wait=False)
+        except LatchWouldWait:
+            pass
+        except BaseException:
+            ref.close()
+            raise
+        else:
+            self._register(client, op, ref, ino, handle)
+            return {"ok": True, "latch": protocol.latch_json(handle)}
         self.by_ino[ino] = _BEING_LATCHED
         self.held += 1
         client.busy = True
@@ -724,6 +736,16 @@ class Broker:
             os.write(self._wake_w, b"x")
         except OSError:
             pass                # closing: close() finishes what is left
+
+    def _register(self, client: Client, op: str, ref: ClientSocket, ino: int, handle) -> None:
+        ref.let_go()
+        self.held += ref.held
+        client.latches[handle.id] = handle
+        self.owner[handle.id] = client
+        self.by_ino[ino] = handle
+        self.per_uid[client.uid] += 1
+        log.info("latch %d (%s) for %s: %s", handle.id, op, client.label(),
+                 handle.latch.state.value)
 
     def _finish_latches(self) -> None:
         """Latches made by the workers: recorded and answered (in the loop's thread)."""
@@ -758,16 +780,8 @@ class Broker:
                 ref.close()
                 continue
             else:
-                handle = result
-                ref.let_go()
-                self.held += ref.held
-                client.latches[handle.id] = handle
-                self.owner[handle.id] = client
-                self.by_ino[ino] = handle
-                self.per_uid[client.uid] += 1
-                log.info("latch %d (%s) for %s: %s", handle.id, op, client.label(),
-                         handle.latch.state.value)
-                reply = {"ok": True, "latch": protocol.latch_json(handle)}
+                self._register(client, op, ref, ino, result)
+                reply = {"ok": True, "latch": protocol.latch_json(result)}
             reply["id"] = rid
             self._reply(client, reply)
             if not client.closed:
@@ -829,7 +843,7 @@ class Broker:
         raise RequestError(busy, errno.EBUSY)
 
     def _latch(self, op: str, ref: ClientSocket, req: Requirements | None, listener,
-               expect: LatchParams | None = None):
+               expect: LatchParams | None = None, wait: bool = True):
         try:
             if op == "listen":
                 # A block left by a session that ended would stay on the OUT side (a listener
@@ -841,14 +855,14 @@ class Broker:
                 # with another one is not the listener's connection.
                 if ref.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) != listener.mark:
                     raise RequestError("not a connection of that listener", errno.EINVAL)
-                return self.latcher.accept(listener, ref)
+                return self.latcher.accept(listener, ref, wait=wait)
             implied = expect is not None and expect.protected and req.peer_id is None
             if implied:
                 # Latching again what was latched before (the broker restarted): another
                 # peer is refused before anything of it is pinned.
                 req = replace(req, peer_id=expect.peer.id)
             try:
-                handle = self.latcher.latch(ref, req)
+                handle = self.latcher.latch(ref, req, wait=wait)
                 cause, detail = conflict(handle.latch.params, expect, req) \
                     if expect is not None else (None, "")
                 if cause is not None:        # same peer, another key; weaker protection
@@ -857,6 +871,8 @@ class Broker:
                     self.latcher.release(handle)
                     raise LatchRefused(cause, detail)
                 return handle
+            except LatchWouldWait:
+                raise                # nothing latched: made again, waiting, by a worker
             except BaseException as exc:
                 # Nothing of it may leave: the client cannot set policies itself.
                 cause = exc.cause if isinstance(exc, LatchRefused) else Cause.NOT_VERIFIED

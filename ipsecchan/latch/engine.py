@@ -47,6 +47,11 @@ ALERTS_LIMIT = 16
 _CACHE_LIMIT = 1 << 16
 
 
+class LatchWouldWait(Exception):
+    """latch()/accept() with wait=False: the latch would have to wait for the identity
+    source (new SAs it has not named yet). Nothing was latched; try again with waiting."""
+
+
 # What _facts answers for an SA verified earlier in the same round.
 _ASKED = SAIdentity(State.VERIFIED, "latcher", "verified earlier in this round")
 
@@ -265,11 +270,14 @@ class Latcher:
         return Observation(True, out.verdict, inbound.verdict, sides[0], sides[1],
                            inbound.cleartext_accepted, pending=pending)
 
-    def _settled(self, flow: Flow, fresh: bool = True) -> Observation:
-        """An observation that is not pending: wait for the identity source meanwhile."""
+    def _settled(self, flow: Flow, fresh: bool = True, wait: bool = True) -> Observation:
+        """An observation that is not pending: wait for the identity source meanwhile (or,
+        wait=False, raise LatchWouldWait)."""
         obs = self._observe(flow, fresh)
         if not obs.pending:
             return obs
+        if not wait:
+            raise LatchWouldWait("the identity source has not named the SAs yet")
         end = time.monotonic() + IDENTITY_GRACE
         while time.monotonic() < end:
             # Waiting on the condition lets go of the lock (all its levels) meanwhile: other
@@ -284,12 +292,15 @@ class Latcher:
     # -- latching --
     def latch(self, sock: socket.socket, requirements: Requirements = Requirements(),
               on_alert: Callable[[LatchHandle, Alert], None] | None = None, *,
-              mark: int | None = None) -> LatchHandle:
-        """Latch a connected socket, or raise LatchRefused (the socket is then released)."""
+              mark: int | None = None, wait: bool = True) -> LatchHandle:
+        """Latch a connected socket, or raise LatchRefused (the socket is then released).
+        wait=False: raise LatchWouldWait (nothing latched, the socket released) instead of
+        waiting for the identity source to name new SAs (up to IDENTITY_GRACE)."""
         flow = flow_of(sock, mark)
         with self.lock:
             latch = Latch.connector(requirements)
-            return self._establish(sock, flow, latch, lambda obs: latch.begin(obs), on_alert)
+            return self._establish(sock, flow, latch, lambda obs: latch.begin(obs), on_alert,
+                                   wait=wait)
 
     def listen(self, sock: socket.socket, requirements: Requirements = Requirements(),
                on_alert: Callable[[LatchHandle, Alert], None] | None = None) -> LatchHandle:
@@ -311,9 +322,11 @@ class Latcher:
             return handle
 
     def accept(self, listener: LatchHandle, conn: socket.socket,
-               on_alert: Callable[[LatchHandle, Alert], None] | None = None) -> LatchHandle:
+               on_alert: Callable[[LatchHandle, Alert], None] | None = None, *,
+               wait: bool = True) -> LatchHandle:
         """Latch a connection `listener`'s socket accepted, or raise LatchRefused (the
-        connection is then blocked both ways: the caller should close it)."""
+        connection is then blocked both ways: the caller should close it). wait=False: as
+        for latch()."""
         flow = flow_of(conn, listener.mark)
         with self.lock:
             holder: list[Latch] = []
@@ -323,22 +336,25 @@ class Latcher:
                 holder.append(child)
                 return effects
             try:
-                return self._establish(conn, flow, holder, begin, on_alert, listener.id)
+                return self._establish(conn, flow, holder, begin, on_alert, listener.id,
+                                       wait=wait)
             except LatchRefused:
                 # The connection carries the listener's cloned pin, and perhaps traffic the
                 # latch refused: block it rather than leave it to the SPD.
                 apply_all(conn, [Block(Cause.NOT_VERIFIED)], flow.family)
                 raise
 
-    def _establish(self, sock, flow, latch_or_holder, begin, on_alert, listener=None):
+    def _establish(self, sock, flow, latch_or_holder, begin, on_alert, listener=None,
+                   wait: bool = True):
         latch = None
         self._next_round()
         try:
-            first = self._settled(flow, fresh=False)
+            first = self._settled(flow, fresh=False, wait=wait)
             effects = begin(first)
             latch = latch_or_holder[0] if isinstance(latch_or_holder, list) else latch_or_holder
             apply_all(sock, effects, flow.family)
-            alerts = apply_all(sock, latch.confirm(self._confirming(flow, first)), flow.family)
+            alerts = apply_all(sock, latch.confirm(self._confirming(flow, first, wait)),
+                               flow.family)
         except BaseException:
             if latch is not None and latch.state is not LatchState.CLOSED:
                 latch.close()
@@ -351,7 +367,7 @@ class Latcher:
         self._deliver(handle, alerts)
         return handle
 
-    def _confirming(self, flow: Flow, first: Observation) -> Observation:
+    def _confirming(self, flow: Flow, first: Observation, wait: bool = True) -> Observation:
         """The look after pinning: what the kernel says now. The notifications that came
         since the first look are read (the race the pin-then-confirm step closes shows there:
         an SA replaced or added meanwhile). None came and the default policy is the same: the
@@ -367,7 +383,7 @@ class Latcher:
             self._take(events)
         elif not first.pending and defaults == (index.default_in, index.default_out):
             return first
-        return self._settled(flow, fresh=False)
+        return self._settled(flow, fresh=False, wait=wait)
 
     def release(self, handle: LatchHandle) -> None:
         """Close the latch and remove the socket's per-socket policies (before the socket is
