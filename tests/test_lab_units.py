@@ -112,6 +112,13 @@ def test_rpc_round_trip_with_a_real_agent(tmp_path):
         client.call("no_such_op")
     client.call("signal", handle=slow, sig=9)
     assert client.call("wait", handle=slow, timeout=5)["rc"] == -9
+    # A request longer than the lab console takes whole is refused here, with the reason
+    # (on the console its tail would be lost, and the call never answered).
+    with pytest.raises(ValueError, match="through a file"):
+        client.call("write_file", path="x/big", data=bytes(4000))
+    # A damaged line (bytes lost on the way) does not end the agent.
+    ours.sendall(b'{"id": 999, "op": "ping", "ar\n{"id": 998\n')
+    assert client.call("ping", rpc_timeout=5)
     client.call("shutdown")
     server.join(5)
     ours.close()

@@ -14,6 +14,13 @@ from concurrent.futures import Future
 from typing import Any, BinaryIO, Callable
 
 
+# The longest request line the agent is sure to receive whole. The guest's console is a tty
+# whose input buffer holds 4096 bytes; the controller writes faster than the guest reads, and
+# the bytes of a longer line that do not fit are dropped (with its newline: the request is
+# never answered). Bigger inputs go through a file (the guest sees the host's filesystem).
+MAX_REQUEST_LINE = 4000
+
+
 class RemoteError(Exception):
     """An operation failed inside the lab kernel; `kind` is the remote exception's class."""
 
@@ -111,11 +118,16 @@ class Client:
         with self._lock:
             if self._closed is not None:
                 raise ChannelClosed(self._closed)
+            line = encode({"id": self._next_id, "op": op, "args": args})
+            if len(line) > MAX_REQUEST_LINE:
+                raise ValueError(f"lab request {op!r} is {len(line)} bytes, more than the "
+                                 f"lab console takes whole ({MAX_REQUEST_LINE}): pass large "
+                                 f"inputs through a file")
             rid = self._next_id
             self._next_id += 1
             self._pending[rid] = fut
             try:
-                self._writer.write(encode({"id": rid, "op": op, "args": args}))
+                self._writer.write(line)
                 self._writer.flush()
             except OSError as exc:
                 self._pending.pop(rid, None)
@@ -155,7 +167,14 @@ def serve(reader: BinaryIO, writer: BinaryIO, handlers: dict[str, Callable[..., 
         line = line.strip()
         if not line.startswith(b"{"):
             continue
-        msg = decode(line)
+        try:
+            msg = decode(line)
+            if not isinstance(msg, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            # A damaged line (bytes lost on the console): its caller times out, and the
+            # agent serves on (it must not die with one bad line).
+            continue
         rid, op, args = msg.get("id"), msg.get("op"), msg.get("args") or {}
         if op == "shutdown":
             answer(rid, op, args)
