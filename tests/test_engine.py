@@ -361,3 +361,28 @@ def test_a_latch_waiting_for_its_identities_does_not_hold_up_the_others(monkeypa
     assert h.state is LatchState.ESTABLISHED and h.latch.params.peer.id == "bob"
     assert done["carol"][0] is Cause.IDENTITY_UNKNOWN and done["carol"][1] >= 1.4
     assert bob_took < 0.5, bob_took                # not behind carol's 1.5 s wait
+
+
+def test_a_block_that_cannot_be_set_shuts_the_connection_down():
+    # The latch breaks, and the kernel refuses the block (here ENOMEM): the connection must
+    # not go on under the SPD's rules. The machine will not ask for the block again.
+    import errno as errno_
+
+    class Refusing(Sock):
+        refuse = False
+
+        def setsockopt(self, level, opt, value, length=None):
+            if self.refuse:
+                raise OSError(errno_.ENOMEM, "no memory for the policy")
+            super().setsockopt(level, opt, value, length)
+
+        def shutdown(self, how):
+            self.ops.append(("shutdown", how))
+
+    lat, view, src = _world()
+    s = Refusing()
+    h = lat.latch(s)
+    s.refuse, src.down = True, True
+    view.feed(encode.expire(_sa(LOCAL, PEER, 0x100), hard=False))
+    lat.poll()
+    assert h.state is LatchState.BROKEN and s.ops[-1] == ("shutdown", socket.SHUT_RDWR)

@@ -257,6 +257,9 @@ class ClientSocket:
     def getpeername(self):
         return self._call("getpeername")
 
+    def shutdown(self, how: int) -> None:
+        return self._call("shutdown", how)
+
     def close(self) -> None:
         if self.sock is not None:
             _dispose(self.sock)

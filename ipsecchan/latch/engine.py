@@ -91,6 +91,18 @@ def flow_of(sock: socket.socket, mark: int | None = None) -> Flow:
                 remote[1], mark=mark)
 
 
+def _cut(sock, hid: int) -> None:
+    """A broken latch whose block could not be set: the connection is shut down both ways
+    instead (the machine, BROKEN now, will not ask for the block again, and the kernel would
+    go on carrying the connection under the SPD's rules)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        log.warning("latch %d: connection shut down (its block could not be set)", hid)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            log.error("latch %d: neither blocked nor shut down: %s", hid, exc)
+
+
 def _party(ident) -> Party | None:
     return None if ident is None else Party(ident.id, ident.pubkey_sha256, ident.auth)
 
@@ -495,6 +507,8 @@ class Latcher:
                 else:
                     log.warning("latch %d: applying %s: %s", hid, effects, exc)
                     self._pending.add(hid)
+                    if any(isinstance(e, Block) for e in effects):
+                        _cut(handle.sock, hid)
             if hid in self.handles:
                 self.registry.update_sas(hid, _keys(handle.latch))
             self._deliver(handle, alerts)
