@@ -170,7 +170,7 @@ class Latcher:
         self._round = 0
         self._valid = (1, 0)             # what a cached verified answer must carry to stand
         self._parties: dict = {}         # Identity -> Party
-        self._sides: dict = {}           # tuple of SAFacts -> the same (shared) tuple
+        self._sides: dict = {}           # ids of SAFacts -> a (shared) tuple of them
         self._protections: dict = {}     # (proto, mode, algorithms, encap) -> Protection
         # Latching, polling and releasing may come from several threads (the socket API's
         # event thread, the application's); one lock, never taken on the data path.
@@ -270,14 +270,16 @@ class Latcher:
                     now = time.time() if now is None else now
                     pending |= now - sa.add_time < IDENTITY_GRACE
                 facts.append(f)
-            facts = tuple(facts)
-            # One tuple object per distinct list of SAs: latches on the same SAs share it
-            # in their parameters.
-            shared = self._sides.get(facts)
+            # One tuple object per distinct list of SAFacts objects: latches on the same SAs
+            # share it in their parameters. Keyed by the objects' ids (hashing SAFacts by
+            # value costs more than the tuple saves); the entry holds the objects, so their
+            # ids stay theirs.
+            ids = tuple(map(id, facts))
+            shared = self._sides.get(ids)
             if shared is None:
                 if len(self._sides) >= 1024:
                     self._sides.clear()
-                shared = self._sides[facts] = facts
+                shared = self._sides[ids] = tuple(facts)
             sides.append(shared)
         return Observation(True, out.verdict, inbound.verdict, sides[0], sides[1],
                            inbound.cleartext_accepted, pending=pending)

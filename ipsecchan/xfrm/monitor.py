@@ -65,20 +65,23 @@ _HDR = 16                                            # struct nlmsghdr
 # XfrmEvent is a frozen dataclass with slots: setting the slots directly builds the same
 # object for less (light events are made by the ten thousand in a rekey burst).
 _new_event = object.__new__
-_ev_set = {f: XfrmEvent.__dict__[f].__set__ for f in XfrmEvent.__dataclass_fields__}
+(_set_kind, _set_sa, _set_sa_key, _set_policy, _set_policy_key, _set_hard, _set_flush_proto,
+ _set_acquire) = (XfrmEvent.__dict__[f].__set__ for f in (
+    "kind", "sa", "sa_key", "policy", "policy_key", "hard", "flush_proto", "acquire"))
+assert set(XfrmEvent.__dataclass_fields__) == {
+    "kind", "sa", "sa_key", "policy", "policy_key", "hard", "flush_proto", "acquire"}
 
 
 def _sa_event(kind: str, sa, key: tuple, hard: bool) -> XfrmEvent:
     ev = _new_event(XfrmEvent)
-    s = _ev_set
-    s["kind"](ev, kind)
-    s["sa"](ev, sa)
-    s["sa_key"](ev, key)
-    s["policy"](ev, None)
-    s["policy_key"](ev, None)
-    s["hard"](ev, hard)
-    s["flush_proto"](ev, 0)
-    s["acquire"](ev, None)
+    _set_kind(ev, kind)
+    _set_sa(ev, sa)
+    _set_sa_key(ev, key)
+    _set_policy(ev, None)
+    _set_policy_key(ev, None)
+    _set_hard(ev, hard)
+    _set_flush_proto(ev, 0)
+    _set_acquire(ev, None)
     return ev
 
 
