@@ -318,14 +318,7 @@ class Index:
             return self._lookup_sock(flow, socket_policies)
         # The common case, kept short: one C call, then the answer's words (handles name
         # immutable records) as the key of the cached pair of paths.
-        local, remote = flow.local, flow.remote
-        la = _ADDRS.get(local) or _addr16(local)
-        ra = _ADDRS.get(remote) or _addr16(remote)
-        defaults = (_IN_BLOCK if self.default_in == "block" else 0) \
-            | (_OUT_BLOCK if self.default_out == "block" else 0)
-        n = _C_LOOKUP(self._x, flow.family, flow.proto, la, flow.local_port, ra,
-                      flow.remote_port, flow.mark, flow.ifindex, flow.if_id, defaults,
-                      self._out, self._cap)
+        n = self._words(flow)
         if n < 0 or n > self._cap:
             return self._lookup_sock(flow, None)
         key = self._outbuf[:n * 8]
@@ -338,18 +331,23 @@ class Index:
         _set_in(res, pair[1])
         return res
 
-    def lookup_refs(self, flow: Flow) -> Lookup:
-        """lookup(flow) without per-socket policies, for latching, which asks it for every
-        latch after every change and reads verdicts and SAs only: the SAs are SARefs and the
-        paths carry no policy record (None); nothing is decoded."""
+    def _words(self, flow: Flow) -> int:
+        """The C lookup without per-socket policies, its answer in self._out; returns its
+        length in words (more than self._cap: did not fit)."""
         local, remote = flow.local, flow.remote
         la = _ADDRS.get(local) or _addr16(local)
         ra = _ADDRS.get(remote) or _addr16(remote)
         defaults = (_IN_BLOCK if self.default_in == "block" else 0) \
             | (_OUT_BLOCK if self.default_out == "block" else 0)
-        n = _C_LOOKUP(self._x, flow.family, flow.proto, la, flow.local_port, ra,
-                      flow.remote_port, flow.mark, flow.ifindex, flow.if_id, defaults,
-                      self._out, self._cap)
+        return _C_LOOKUP(self._x, flow.family, flow.proto, la, flow.local_port, ra,
+                         flow.remote_port, flow.mark, flow.ifindex, flow.if_id, defaults,
+                         self._out, self._cap)
+
+    def lookup_refs(self, flow: Flow) -> Lookup:
+        """lookup(flow) without per-socket policies, for latching, which asks it for every
+        latch after every change and reads verdicts and SAs only: the SAs are SARefs and the
+        paths carry no policy record (None); nothing is decoded."""
+        n = self._words(flow)
         if n < 0 or n > self._cap:
             # More SAs than the answer buffer holds: the general path grows it.
             self._lookup_sock(flow, None)
