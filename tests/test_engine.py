@@ -81,7 +81,6 @@ def test_release_after_close_and_events_for_a_closed_socket():
 
 # ---- the engine over a fed view: the C index and kernel-format notifications, no kernel ----
 
-import collections                                            # noqa: E402
 import time                                                   # noqa: E402
 
 from ipsecchan._native import ffi, lib                        # noqa: E402
@@ -89,9 +88,8 @@ from ipsecchan.ike.base import Event, SAIdentity, State       # noqa: E402
 from ipsecchan.latch import engine                            # noqa: E402
 from ipsecchan.latch.machine import HISTORY_LIMIT, Cause, LatchRefused   # noqa: E402
 from ipsecchan.xfrm import encode                             # noqa: E402
-from ipsecchan.xfrm.index import Index                        # noqa: E402
 from ipsecchan.xfrm.messages import SA, Algorithm, Lifetime   # noqa: E402
-from ipsecchan.xfrm.monitor import XfrmView                   # noqa: E402
+from xfrm_feed import FedView                                 # noqa: E402
 
 LOCAL, PEER = "127.0.0.1", "127.0.0.2"
 INF = (1 << 64) - 1
@@ -106,32 +104,6 @@ def _sa(src, dst, spi, mallory=False):
               Selector(V4, src, dst, 32, 32, 0, 0, 0, 0, 0, 0), 0, 0, int(time.time()) - 60,
               0, GCM, None, None, None, True, None, Lifetime(INF, INF, INF, INF, 0, 0, 0, 0),
               (0, 0), None)
-
-
-class _Feed:
-    def __init__(self):
-        self.datagrams = collections.deque()
-
-    def read(self):
-        return self.datagrams.popleft() if self.datagrams else None
-
-    def close(self):
-        pass
-
-
-class FedView(XfrmView):
-    """XfrmView.poll over the C index, fed kernel-format messages instead of a socket."""
-
-    def __init__(self, sas, policies):
-        self.index, self.resyncs, self.monitor = Index(), 0, _Feed()
-        self.light = True            # as the Latcher's own view
-        self.index.apply(encode.dump(sas, policies))
-
-    def feed(self, *messages):
-        self.monitor.datagrams.extend(messages)
-
-    def wait(self, timeout):
-        return bool(self.monitor.datagrams)
 
 
 class Source:
@@ -197,7 +169,8 @@ def _world():
                    (t,), None, None, None),
             Policy("in", "allow", 100, 8, Selector(V4, PEER, LOCAL, 32, 32, 0, 0, 0, 0, 0, 0),
                    (t,), None, None, None)]
-    view = FedView([_sa(LOCAL, PEER, 0x100), _sa(PEER, LOCAL, 0x200)], pols)
+    view = FedView(dump=encode.dump([_sa(LOCAL, PEER, 0x100), _sa(PEER, LOCAL, 0x200)],
+                                   pols))
     src = Source()
     return Latcher(src, view), view, src
 

@@ -1,7 +1,6 @@
 """The latching fast path over the C index: SARefs (SA fields read from the C record, no
 message decoded) and light notifications (the index parses each message once and says what
 it did) must tell exactly what decode_sa / decode_event tell, for every kind of message."""
-import collections
 import random
 import socket
 
@@ -14,7 +13,7 @@ from ipsecchan.xfrm import encode
 from ipsecchan.xfrm.index import Index, SARef
 from ipsecchan.xfrm.messages import (SA, Algorithm, Encap, Lifetime, Policy, Selector,
                                      Template)
-from ipsecchan.xfrm.monitor import XfrmView
+from xfrm_feed import FedView
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 INF = (1 << 64) - 1
@@ -97,22 +96,6 @@ def test_a_replaced_or_removed_record_is_stale():
     assert gone == {new.handle: new}
 
 
-class _Feed:
-    def __init__(self):
-        self.datagrams = collections.deque()
-
-    def read(self):
-        return self.datagrams.popleft() if self.datagrams else None
-
-    def close(self):
-        pass
-
-
-class _FedView(XfrmView):
-    def __init__(self, light: bool):
-        self.index, self.resyncs, self.monitor, self.light = Index(), 0, _Feed(), light
-
-
 def _policy(i: int, fam: int = V4) -> Policy:
     sel = Selector(fam, "10.0.0.1", f"10.0.{i}.0", 32, 24, 0, 0, 0, 0, 0, 0)
     return Policy("out", "allow", 100 + i, 8 * i + 1, sel,
@@ -143,7 +126,7 @@ def test_light_events_tell_what_decoded_events_tell():
     batched = [b"".join(stream[i:i + 7]) for i in range(0, len(stream), 7)]
     for datagrams in (stream, batched):
         one_each = datagrams is stream
-        light, full = _FedView(True), _FedView(False)
+        light, full = FedView(True), FedView(False)
         light.monitor.datagrams.extend(datagrams)
         full.monitor.datagrams.extend(datagrams)
         got, want = light.poll(), full.poll()
@@ -163,7 +146,7 @@ def test_light_events_tell_what_decoded_events_tell():
 
 
 def test_a_malformed_notification_makes_the_light_view_resync():
-    view = _FedView(True)
+    view = FedView(True)
     resynced = []
     view.resync = lambda: resynced.append(1)
     good = encode.newsa(_sa(random.Random(2), 0x4000))
