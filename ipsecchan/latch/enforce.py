@@ -10,17 +10,9 @@ from __future__ import annotations
 
 import socket
 
-from ipsecchan._native import lib
 from ipsecchan.latch.machine import Alert, Block, Effect, LatchParams, Pin, Release
 from ipsecchan.xfrm import Template, clear_socket_policies, socket_policy_bytes
-
-_LEVELS = {socket.AF_INET: (socket.IPPROTO_IP, lib.IP_XFRM_POLICY),
-           socket.AF_INET6: (socket.IPPROTO_IPV6, lib.IPV6_XFRM_POLICY)}
-# The setsockopt buffers of the policies latches set, by (family, direction, templates,
-# action): many latches share an SA, and a block or a bypass is the same for every socket.
-_BUFFERS: dict[tuple, bytes] = {}
-_BUFFERS_LIMIT = 4096
-
+from ipsecchan.xfrm.netlink_xfrm import policy_level
 
 # The two buffers of a pin, by (family, ids of the pinned SAFacts): latches on the same SAs
 # share the engine's SAFacts objects. The entry holds those objects, so their ids stay theirs.
@@ -30,27 +22,14 @@ _PINS: dict[tuple, tuple] = {}
 _PINS_LIMIT = 256
 
 
-def _level(family: int) -> tuple[int, int]:
-    level = _LEVELS.get(family)
-    if level is None:
-        raise ValueError("per-socket XFRM policies exist for AF_INET and AF_INET6 sockets only")
-    return level
-
-
 def _set(sock, family: int, direction: str, templates=(), action: str = "allow") -> None:
-    """ipsecchan.xfrm.set_socket_policy, with the buffer built once per distinct policy."""
-    level = _level(family)
-    key = (family, direction, tuple(templates), action)
-    raw = _BUFFERS.get(key)
-    if raw is None:
-        if len(_BUFFERS) >= _BUFFERS_LIMIT:
-            _BUFFERS.clear()
-        raw = _BUFFERS[key] = socket_policy_bytes(family, direction, key[2], action=action)
-    sock.setsockopt(level[0], level[1], raw)
+    """ipsecchan.xfrm.set_socket_policy, for a socket whose family the caller knows."""
+    sock.setsockopt(*policy_level(family),
+                    socket_policy_bytes(family, direction, templates, action=action))
 
 
 def _pin(sock, family: int, params: LatchParams) -> None:
-    level = _level(family)
+    level = policy_level(family)
     sas = params.out_sas + params.in_sas
     key = (family, len(params.out_sas), *map(id, sas))
     hit = _PINS.get(key)

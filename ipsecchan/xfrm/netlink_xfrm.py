@@ -162,9 +162,17 @@ def clear_socket_policies(sock: socket.socket) -> None:
     sock.setsockopt(level, opt, None, 0)
 
 
+_POLICY_LEVELS = {socket.AF_INET: (socket.IPPROTO_IP, lib.IP_XFRM_POLICY),
+                  socket.AF_INET6: (socket.IPPROTO_IPV6, lib.IPV6_XFRM_POLICY)}
+
+
+def policy_level(family: int) -> tuple[int, int]:
+    """(level, option) of setsockopt for a per-socket policy on a socket of `family`."""
+    level = _POLICY_LEVELS.get(family)
+    if level is None:
+        raise ValueError("per-socket XFRM policies exist for AF_INET and AF_INET6 sockets only")
+    return level
+
+
 def _level(sock: socket.socket) -> tuple[int, int]:
-    if sock.family == socket.AF_INET:
-        return socket.IPPROTO_IP, lib.IP_XFRM_POLICY
-    if sock.family == socket.AF_INET6:
-        return socket.IPPROTO_IPV6, lib.IPV6_XFRM_POLICY
-    raise ValueError("per-socket XFRM policies exist for AF_INET and AF_INET6 sockets only")
+    return policy_level(sock.family)
