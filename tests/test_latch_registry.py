@@ -75,3 +75,35 @@ def test_flush_resync_and_ike_spis():
     for name in "abcd":
         reg.remove(name)
     assert len(reg) == 0 and reg._by_peer == {} and reg._by_sa == {} and reg._by_spi == {}
+
+
+def test_the_indexes_follow_random_moves_between_shared_sas():
+    # Latches moving among SAs that share SPIs and are shared by several latches (rekeys keep
+    # some SAs and drop others): the SA and SPI indexes answer what a plain model says, and
+    # are empty at the end.
+    import random
+    rnd = random.Random(5660)
+    keys = [(V4, dst, "esp", spi) for dst in ("10.0.0.2", "10.0.0.3") for spi in (1, 2, 3, 4)]
+    reg, model = LatchRegistry(), {}
+    for step in range(3000):
+        latch = rnd.randrange(12)
+        op = rnd.random()
+        if op < 0.1:
+            reg.remove(latch)
+            model.pop(latch, None)
+            continue
+        chosen = [rnd.choice(keys) for _ in range(rnd.randrange(4))]
+        if latch not in model or op < 0.2:
+            reg.add(latch, flow("10.0.0.9", latch), chosen)
+        else:
+            reg.update_sas(latch, chosen)
+        model[latch] = set(chosen)
+        for spi in (1, 2, 3, 4):
+            assert reg.affected_by_spis([spi]) == {i for i, ks in model.items()
+                                                   if any(k[3] == spi for k in ks)}, step
+        for key in keys:
+            on = {i for i, ks in model.items() if key in ks}
+            assert set(reg._by_sa.ids(key)) == on, step
+    for latch in list(model):
+        reg.remove(latch)
+    assert len(reg) == 0 and reg._by_peer == {} and reg._by_sa == {} and reg._by_spi == {}

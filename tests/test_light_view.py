@@ -124,23 +124,31 @@ def test_light_events_tell_what_decoded_events_tell():
     stream += [encode.flushsa(), encode.flushpolicy()]
     # One message per datagram, and the same messages several to a datagram.
     batched = [b"".join(stream[i:i + 7]) for i in range(0, len(stream), 7)]
-    for datagrams in (stream, batched):
-        one_each = datagrams is stream
+    for datagrams, per_poll in ((stream, True), (stream, False), (batched, False)):
         light, full = FedView(True), FedView(False)
-        light.monitor.datagrams.extend(datagrams)
-        full.monitor.datagrams.extend(datagrams)
-        got, want = light.poll(), full.poll()
+        got, want = [], []
+        # Polled after each datagram (each event's record is current when the view reads
+        # it), or after all of them (the view applies them in one call).
+        for chunk in ([[d] for d in datagrams] if per_poll else [datagrams]):
+            light.monitor.datagrams.extend(chunk)
+            full.monitor.datagrams.extend(chunk)
+            got += light.poll()
+            want += full.poll()
+        refs = 0
         assert [e.kind for e in got] == [e.kind for e in want]
         for g, w in zip(got, want):
             assert (g.sa_key, g.hard, g.policy, g.policy_key, g.flush_proto) == \
                 (w.sa_key, w.hard, w.policy, w.policy_key, w.flush_proto), g.kind
             if g.kind in ("sa-new", "sa-update") or (g.kind == "sa-expire" and not g.hard):
-                # An SARef, unless a later message of its datagram replaced the record: then
-                # the SA as its own message has it.
-                assert isinstance(g.sa, SARef) or (not one_each and g.sa == w.sa)
+                # An SARef, unless a later message of the same batch (the view applies what
+                # is queued in one call) replaced the record: then the SA as its own message
+                # has it.
+                assert isinstance(g.sa, SARef) or (not per_poll and g.sa == w.sa)
+                refs += isinstance(g.sa, SARef)
                 assert (g.sa.key, g.sa.src, g.sa.reqid) == (w.sa.key, w.sa.src, w.sa.reqid)
             elif g.sa is not None:                      # a removed record the index knew
                 assert (g.sa.key, g.sa.src) == (w.sa.key, w.sa.src)
+        assert refs >= 60 or not per_poll
         assert light.index.sas() == full.index.sas() == []
         assert light.index.policies() == full.index.policies() == []
 
@@ -155,3 +163,61 @@ def test_a_malformed_notification_makes_the_light_view_resync():
     view.monitor.datagrams.extend([good, good[:16] + bytes(bad[16:])])
     events = view.poll()
     assert [e.kind for e in events] == ["resync"] and resynced == [1]
+
+
+def _host_sa(src, dst, spi, reqid, fam=V4):
+    full = 32 if fam == V4 else 128
+    return SA(src, dst, fam, "esp", spi, reqid, "transport", 0, 32,
+              Selector(fam, src, dst, full, full, 0, 0, 0, 0, 0, 0), 0, 0, 1000 + spi, 0,
+              ALGS[0], None, None, None, True, None, LT, (0, 0), None)
+
+
+def _host_policy(direction, src, dst, index, reqid, *, optional=False, action="allow",
+                 proto=0, fam=V4):
+    full = 32 if fam == V4 else 128
+    sel = Selector(fam, src, dst, full, full, proto, 0, 0, 0, 0, 0)
+    tmpls = () if action != "allow" or reqid is None else (
+        Template(fam, "", "", "esp", 0, reqid, "transport", optional),)
+    return Policy(direction, action, 100 if proto else 200, index, sel, tmpls, None, None,
+                  None)
+
+
+def test_lookup_brief_tells_what_lookup_tells():
+    # What latching reads of a lookup (verdicts, SAs, cleartext accepted) must be lookup()'s:
+    # protected flows, one whose IN policy also accepts cleartext, a bypassed protocol, flows
+    # no policy covers, SAs missing; before and after changes (answers are cached).
+    from ipsecchan.xfrm.lookup import Flow
+    a, b, c = "10.0.0.1", "10.0.0.2", "10.0.0.3"
+    sas = [_host_sa(a, b, 0x101, 1), _host_sa(b, a, 0x102, 1), _host_sa(b, a, 0x103, 1),
+           _host_sa(a, c, 0x201, 2), _host_sa(c, a, 0x202, 2),
+           _host_sa("fd00::1", "fd00::2", 0x301, 3, V6),
+           _host_sa("fd00::2", "fd00::1", 0x302, 3, V6)]
+    pols = [_host_policy("out", a, b, 9, 1), _host_policy("in", b, a, 10, 1),
+            _host_policy("out", a, c, 17, 2), _host_policy("in", c, a, 18, 2, optional=True),
+            _host_policy("out", a, b, 25, None, action="allow", proto=17),
+            _host_policy("in", b, a, 26, None, action="allow", proto=17),
+            _host_policy("out", "fd00::1", "fd00::2", 33, 3, fam=V6),
+            _host_policy("in", "fd00::2", "fd00::1", 34, 3, fam=V6)]
+    idx = Index()
+    idx.apply(b"".join(encode.newsa(sa) for sa in sas)
+              + b"".join(encode.newpolicy(p) for p in pols))
+    flows = [Flow(fam, proto, x, 40000, y, 5000) for proto in (6, 17)
+             for fam, x, y in ((V4, a, b), (V4, a, c), (V4, a, "10.0.0.4"),
+                               (V6, "fd00::1", "fd00::2"))]
+    seen = set()
+    for change in ([encode.delsa(sas[0])], [encode.newsa(_host_sa(a, b, 0x104, 1))],
+                   [encode.delpolicy(pols[1])], []):
+        for flow in flows:
+            res, brief = idx.lookup(flow), idx.lookup_brief(flow)
+            assert brief == (res.out.verdict, brief[1], res.inbound.verdict, brief[3],
+                             res.inbound.cleartext_accepted)
+            assert [s.key for s in brief[1]] == [s.key for s in res.out.sas]
+            assert [s.key for s in brief[3]] == [s.key for s in res.inbound.sas]
+            assert all(type(s) is SARef for s in brief[1] + brief[3])
+            seen.add((brief[0], brief[2], len(brief[1]), len(brief[3]), brief[4]))
+        idx.apply(b"".join(change))
+    verdicts = {(o, i) for o, i, *_ in seen}
+    # The flows met every kind of answer latching tells apart.
+    assert {("protected", "protected"), ("no-sa", "protected"), ("bypass", "bypass"),
+            ("no-policy", "no-policy"), ("protected", "no-policy")} <= verdicts, seen
+    assert any(k[4] for k in seen) and any(k[3] == 2 for k in seen), seen

@@ -126,3 +126,23 @@ def test_garbage_decodes_or_fails_cleanly(data, decode):
         decode(data)
     except XfrmDecodeError:
         pass
+
+
+_ADDRS4 = st.sampled_from(["", "10.0.0.1", "192.0.2.255", "0.0.0.0"])
+_ADDRS6 = st.sampled_from(["", "fd00::1", "2001:db8::ffff:1", "::"])
+
+
+@given(v6=st.booleans(), data=st.data())
+def test_socket_policy_templates_pack_as_the_c_struct(v6, data):
+    # The per-socket policy's templates are packed by struct (the latching hot path); the
+    # policy encoder builds them field by field through cffi. Both must give the same bytes.
+    from ipsecchan.xfrm import Template
+    from ipsecchan.xfrm.encode import _tmpl
+    from ipsecchan.xfrm.netlink_xfrm import _template_bytes
+    import socket as so
+    fam, addrs = (so.AF_INET6, _ADDRS6) if v6 else (so.AF_INET, _ADDRS4)
+    t = Template(fam, data.draw(addrs), data.draw(addrs),
+                 data.draw(st.sampled_from(["esp", "ah"])),
+                 data.draw(st.integers(0, 2**32 - 1)), data.draw(st.integers(0, 2**32 - 1)),
+                 data.draw(st.sampled_from(["transport", "tunnel"])), data.draw(st.booleans()))
+    assert _template_bytes(t) == _tmpl(t)

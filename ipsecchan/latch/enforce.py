@@ -11,8 +11,8 @@ from __future__ import annotations
 import socket
 
 from ipsecchan.latch.machine import Alert, Block, Effect, LatchParams, Pin, Release
-from ipsecchan.xfrm import Template, clear_socket_policies, socket_policy_bytes
-from ipsecchan.xfrm.netlink_xfrm import policy_level
+from ipsecchan.xfrm import clear_socket_policies, socket_policy_bytes
+from ipsecchan.xfrm.netlink_xfrm import policy_header, policy_level, template_bytes
 
 # The two buffers of a pin, by (family, ids of the pinned SAFacts): latches on the same SAs
 # share the engine's SAFacts objects. The entry holds those objects, so their ids stay theirs.
@@ -37,22 +37,24 @@ def _pin(sock, family: int, params: LatchParams) -> None:
         out, inbound = pin_templates(params, family)
         if len(_PINS) >= _PINS_LIMIT:
             _PINS.clear()
-        hit = _PINS[key] = (sas, socket_policy_bytes(family, "out", out),
-                            socket_policy_bytes(family, "in", inbound))
+        # (Packed from the templates' fields: a rekey re-pins every socket of the SAs it
+        # replaces, each pin on a new SPI, so Template objects would be built only to pack.)
+        hit = _PINS[key] = (
+            sas, policy_header(family, "out") + b"".join([template_bytes(*t) for t in out]),
+            policy_header(family, "in") + b"".join([template_bytes(*t) for t in inbound]))
     sock.setsockopt(level[0], level[1], hit[1])
     sock.setsockopt(level[0], level[1], hit[2])
 
 
-def pin_templates(params: LatchParams, family: int
-                  ) -> tuple[list[Template], list[Template]]:
-    """(OUT, IN) templates of a pin: OUT by exact SA (SPI and destination), IN by reqid,
-    protocol and mode (see machine.Pin for why)."""
-    out = [Template(family, sa.src, sa.key[1], sa.protection.proto, sa.key[3], sa.reqid,
-                    sa.protection.mode, False) for sa in params.out_sas]
-    inbound = [Template(family, sa.src if sa.protection.mode != "transport" else "",
-                        sa.key[1] if sa.protection.mode != "transport" else "",
-                        sa.protection.proto, 0, sa.reqid, sa.protection.mode, False)
-               for sa in _bundle(params.in_sas, len(params.out_sas))]
+def pin_templates(params: LatchParams, family: int) -> tuple[list[tuple], list[tuple]]:
+    """(OUT, IN) templates of a pin, as tuples of Template's fields: OUT by exact SA (SPI and
+    destination), IN by reqid, protocol and mode (see machine.Pin for why)."""
+    out = [(family, sa.src, sa.key[1], sa.protection.proto, sa.key[3], sa.reqid,
+            sa.protection.mode, False) for sa in params.out_sas]
+    inbound = [(family, "", "", sa.protection.proto, 0, sa.reqid, sa.protection.mode, False)
+               if sa.protection.mode == "transport" else
+               (family, sa.src, sa.key[1], sa.protection.proto, 0, sa.reqid, sa.protection.mode,
+                False) for sa in _bundle(params.in_sas, len(params.out_sas))]
     return out, inbound
 
 

@@ -254,14 +254,20 @@ class Latcher:
                 return Observation(False, reason=f"XFRM notifications: {exc}")
         index = self.view.index
         # The C index answers with SARefs (nothing decoded); the reference model with SAs.
-        res = index.lookup_refs(flow) if isinstance(index, Index) else index.lookup(flow)
-        out, inbound = res.out, res.inbound
+        if isinstance(index, Index):
+            out_verdict, out_sas, in_verdict, in_sas, in_clear = index.lookup_brief(flow)
+        else:
+            res = index.lookup(flow)
+            out_verdict, out_sas, in_verdict, in_sas, in_clear = (
+                res.out.verdict, res.out.sas, res.inbound.verdict, res.inbound.sas,
+                res.inbound.cleartext_accepted)
         pending, now = False, None
         sides = []
-        for sas in (out.sas, inbound.sas):
+        facts_of, shared_sides = self._facts, self._sides
+        for sas in (out_sas, in_sas):
             facts = []
             for sa in sas:
-                f, ans = self._facts(sa)
+                f, ans = facts_of(sa)
                 if f is None:
                     return Observation(False, reason=f"identity source: {ans.reason}")
                 if ans.state is State.UNKNOWN:
@@ -275,14 +281,14 @@ class Latcher:
             # value costs more than the tuple saves); the entry holds the objects, so their
             # ids stay theirs.
             ids = tuple(map(id, facts))
-            shared = self._sides.get(ids)
+            shared = shared_sides.get(ids)
             if shared is None:
-                if len(self._sides) >= 1024:
-                    self._sides.clear()
-                shared = self._sides[ids] = tuple(facts)
+                if len(shared_sides) >= 1024:
+                    shared_sides.clear()
+                shared = shared_sides[ids] = tuple(facts)
             sides.append(shared)
-        return Observation(True, out.verdict, inbound.verdict, sides[0], sides[1],
-                           inbound.cleartext_accepted, pending=pending)
+        return Observation(True, out_verdict, in_verdict, sides[0], sides[1], in_clear,
+                           pending=pending)
 
     def _settled(self, flow: Flow, fresh: bool = True, wait: bool = True) -> Observation:
         """An observation that is not pending: wait for the identity source meanwhile (or,

@@ -86,9 +86,21 @@ class LatchRegistry:
     def update_sas(self, latch_id: Hashable, sa_keys: Iterable[tuple]) -> None:
         """The latch moved to other SAs (a rekey)."""
         keys = tuple(dict.fromkeys(sa_keys))
-        if keys != self._entries[latch_id][1]:
-            self._unlink(latch_id)
-            self._link(latch_id, keys)
+        peer, old = self._entries[latch_id]
+        if keys == old:
+            return
+        # Only what changed is relinked (a rekey keeps some of a latch's SAs each time).
+        for key in old:
+            if key not in keys:
+                self._by_sa.discard(key, latch_id)
+                if key not in self._by_sa:
+                    self._by_spi.discard(key[3], key)
+        for key in keys:
+            if key not in old:
+                if key not in self._by_sa:
+                    self._by_spi.add(key[3], key)
+                self._by_sa.add(key, latch_id)
+        self._entries[latch_id] = (peer, keys)
 
     def _link(self, latch_id: Hashable, keys: tuple) -> None:
         self._entries[latch_id] = (self._entries[latch_id][0], keys)

@@ -122,7 +122,7 @@ class Index:
         self._changes_cap = 0
         self._changes = None
         self._nchanges = ffi.new("size_t *")
-        self._ref_answers: dict[bytes, tuple[PathResult, PathResult]] = {}
+        self._briefs: dict[bytes, tuple] = {}     # lookup_brief's, by answer words
         self._pol_cache: dict[int, Policy] = {}
         self._sock_cache: dict[Policy, bytes] = {}
         self._paths: dict = {}
@@ -189,7 +189,7 @@ class Index:
         if n:
             # Answers name records by handle; after a change they are rebuilt on demand (the
             # cache serves the many latches looked at in one round, and holds no stale SA).
-            self._ref_answers.clear()
+            self._briefs.clear()
         gone = {}
         for i in range(n):
             c = changes[i]
@@ -251,7 +251,7 @@ class Index:
     def clear(self) -> None:
         lib.ipsecchan_xidx_clear(self._x)
         self._refs.clear()
-        self._ref_answers.clear()
+        self._briefs.clear()
         self._paths.clear()
         self._answers.clear()
         self._sa_cache.clear()
@@ -343,32 +343,30 @@ class Index:
                          flow.remote_port, flow.mark, flow.ifindex, flow.if_id, defaults,
                          self._out, self._cap)
 
-    def lookup_refs(self, flow: Flow) -> Lookup:
-        """lookup(flow) without per-socket policies, for latching, which asks it for every
-        latch after every change and reads verdicts and SAs only: the SAs are SARefs and the
-        paths carry no policy record (None); nothing is decoded."""
+    def lookup_brief(self, flow: Flow) -> tuple[str, tuple, str, tuple, bool]:
+        """What latching reads of lookup(flow), without per-socket policies: (OUT verdict, OUT
+        SAs, IN verdict, IN SAs, IN accepts cleartext), the SAs as SARefs. Latching asks it
+        for every latch touched by a change; nothing is decoded and no PathResult is built."""
         n = self._words(flow)
         if n < 0 or n > self._cap:
             # More SAs than the answer buffer holds: the general path grows it.
             self._lookup_sock(flow, None)
-            return self.lookup_refs(flow)
+            return self.lookup_brief(flow)
         key = self._outbuf[:n * 8]
-        pair = self._ref_answers.get(key)
-        if pair is None:
-            answers = self._ref_answers
-            if len(answers) >= 1024:
+        brief = self._briefs.get(key)
+        if brief is None:
+            briefs = self._briefs
+            if len(briefs) >= 1024:
                 # The cache serves the many latches sharing SAs within a round; a round over
                 # thousands of SA pairs gains nothing from it and would only hold memory.
-                answers.clear()
+                briefs.clear()
             v = ffi.unpack(self._out, n)
             k = 4 + v[3]
-            pair = answers[key] = (self._mkpath("out", v[:k], self.sa_ref, False),
-                                   self._mkpath("in", v[k:], self.sa_ref, False))
-        res = _new(Lookup)
-        _set_flow(res, flow)
-        _set_out(res, pair[0])
-        _set_in(res, pair[1])
-        return res
+            sa_ref = self.sa_ref
+            brief = briefs[key] = (_VERDICTS[v[0]], tuple([sa_ref(h) for h in v[4:k]]),
+                                   _VERDICTS[v[k]], tuple([sa_ref(h) for h in v[k + 4:]]),
+                                   bool(v[k + 2] & 2))
+        return brief
 
     def _pair(self, key: bytes, n: int) -> tuple[PathResult, PathResult]:
         """The paths of an answer (key: its words as bytes) not seen before as a whole."""
@@ -382,15 +380,14 @@ class Index:
         pair = self._answers[key] = (self._mkpath("out", v[:k]), self._mkpath("in", v[k:]))
         return pair
 
-    def _mkpath(self, direction: str, words: list[int], sa=None, policy: bool = True
-                ) -> PathResult:
+    def _mkpath(self, direction: str, words: list[int]) -> PathResult:
         verdict, ph, flags = words[0], words[1], words[2]
         res = _new(PathResult)
         _pr_direction(res, direction)
         _pr_verdict(res, _VERDICTS[verdict])
-        _pr_policy(res, self._policy(ph) if ph and policy else None)
+        _pr_policy(res, self._policy(ph) if ph else None)
         _pr_per_socket(res, bool(flags & 1))
-        sa = sa or self._sa
+        sa = self._sa
         _pr_sas(res, tuple([sa(h) for h in words[4:]]))
         _pr_cleartext(res, bool(flags & 2))
         return res

@@ -62,6 +62,7 @@ _SA_KINDS = {lib.XFRM_MSG_NEWSA: "sa-new", lib.XFRM_MSG_UPDSA: "sa-update",
              lib.XFRM_MSG_DELSA: "sa-delete", lib.XFRM_MSG_EXPIRE: "sa-expire"}
 _FLUSHSA, _GETDEFAULT = lib.XFRM_MSG_FLUSHSA, lib.XFRM_MSG_GETDEFAULT
 _HDR = 16                                            # struct nlmsghdr
+_BATCH = 256 << 10          # bytes of notifications applied in one C call (light views)
 # XfrmEvent is a frozen dataclass with slots: setting the slots directly builds the same
 # object for less (light events are made by the ten thousand in a rekey burst).
 _new_event = object.__new__
@@ -138,6 +139,10 @@ class XfrmView:
         events: list[XfrmEvent] = []
         if timeout and not self.wait(timeout):
             return events
+        # Light views apply what is queued in batches of datagrams (one C call each: a rekey
+        # burst is tens of thousands of one-message datagrams), in order.
+        batch: list[bytes] = []
+        size = 0
         while True:
             try:
                 data = self.monitor.read()
@@ -146,17 +151,28 @@ class XfrmView:
                     raise
                 self.resync()
                 return [XfrmEvent("resync")]
-            if data is None:
-                return events
             if self.light:
+                if data is not None:
+                    batch.append(data if not len(data) & 3 else data + bytes(4 - len(data) & 3))
+                    size += len(batch[-1])
+                    if size < _BATCH:
+                        continue
+                if not batch:
+                    return events
                 try:
-                    events += self._light_events(data)
+                    events += self._light_events(b"".join(batch) if len(batch) > 1
+                                                 else batch[0])
                 except ValueError:
                     # A message the index rejected: the messages before it were applied, the
                     # rest not. The view would be wrong: rebuild it, and say so.
                     self.resync()
                     return [XfrmEvent("resync")]
+                if data is None:
+                    return events
+                batch, size = [], 0
                 continue
+            if data is None:
+                return events
             changed = False
             for m in split_messages(data):
                 if m.type == lib.XFRM_MSG_GETDEFAULT:      # the default policy changed
@@ -180,18 +196,21 @@ class XfrmView:
             t = c.type
             kind = _SA_KINDS.get(t)
             if kind is not None:
-                fam = c.family
-                proto = PROTO_NAMES.get(c.proto) or str(c.proto)
-                key = (fam, _addr_text(fam, ffi.unpack(c.dst, 16)), proto, c.spi)
                 # handle: the record stored (or marked dying) now; else the one removed
                 try:
                     sa = index.sa_ref(c.handle) if c.handle else gone.get(c.old_handle)
                 except LookupError:
-                    # A later message of the same datagram replaced or removed the record:
-                    # this event tells of the SA as its own message has it.
+                    # A later message of the same batch replaced or removed the record: this
+                    # event tells of the SA as its own message has it.
                     events.append(decode_event(t, memoryview(data)[c.offset + _HDR:
                                                                    c.offset + c.len]))
                     continue
+                if sa is not None:
+                    key = sa.key             # the record's key is the message's
+                else:
+                    fam = c.family
+                    key = (fam, _addr_text(fam, ffi.unpack(c.dst, 16)),
+                           PROTO_NAMES.get(c.proto) or str(c.proto), c.spi)
                 events.append(_sa_event(kind, sa, key, bool(c.hard)))
                 continue
             payload = memoryview(data)[c.offset + _HDR:c.offset + c.len]

@@ -105,12 +105,14 @@ def socket_policy_bytes(family: int, direction: str, templates=(), *, action: st
         raise ValueError(f"a socket policy's direction is 'in' or 'out', not {direction!r}")
     # Built from cached parts: latching sets two of these per connection and per rekey, and
     # most parts repeat (the header always; an IN template per reqid).
-    return _policy_header(family, direction, action, priority) + b"".join(
+    return policy_header(family, direction, action, priority) + b"".join(
         map(_template_bytes, templates))
 
 
 @functools.lru_cache(maxsize=64)
-def _policy_header(family: int, direction: str, action: str, priority: int) -> bytes:
+def policy_header(family: int, direction: str, action: str = "allow", priority: int = 0
+                  ) -> bytes:
+    """The struct xfrm_userpolicy_info of a per-socket policy (templates follow it)."""
     pol = ffi.new("struct xfrm_userpolicy_info *")
     for field in ("soft_byte_limit", "hard_byte_limit", "soft_packet_limit",
                   "hard_packet_limit"):
@@ -125,25 +127,34 @@ def _policy_header(family: int, direction: str, action: str, priority: int) -> b
 _PROTOS = {"esp": socket.IPPROTO_ESP, "ah": socket.IPPROTO_AH}
 
 
+# struct xfrm_user_tmpl packed by struct rather than built through cffi: a rekey re-pins
+# every latched socket of the SAs it replaces (a new SPI each), and packing is several times
+# cheaper. The layout is checked against the C header's below.
+_TMPL = struct.Struct("=16sIB3xH2x16sIBBBxIII")
+assert _TMPL.size == ffi.sizeof("struct xfrm_user_tmpl") and \
+    [ffi.offsetof("struct xfrm_user_tmpl", f) for f in ("family", "saddr", "reqid", "mode",
+                                                        "optional", "aalgos")] \
+    == [24, 28, 44, 48, 50, 52]
+_MODES = {"transport": lib.XFRM_MODE_TRANSPORT, "tunnel": lib.XFRM_MODE_TUNNEL}
+_ANY_ALG = 0xFFFFFFFF                     # any algorithm the SA has
+
+
+def template_bytes(family: int, src: str, dst: str, proto: str, spi: int, reqid: int,
+                   mode: str, optional: bool = False) -> bytes:
+    """One struct xfrm_user_tmpl, from a Template's fields (in its order)."""
+    return _TMPL.pack(_addr16(family, dst), socket.htonl(spi), _PROTOS[proto], family,
+                      _addr16(family, src), reqid, _MODES[mode], 0, int(optional),
+                      _ANY_ALG, _ANY_ALG, _ANY_ALG)
+
+
 @functools.lru_cache(maxsize=512)
 def _template_bytes(t) -> bytes:
-    tm = ffi.new("struct xfrm_user_tmpl *")
-    tm.family = t.family
-    tm.id.proto = _PROTOS[t.proto]
-    tm.id.spi = socket.htonl(t.spi)
-    _put_addr(tm.id.daddr, t.family, t.dst)
-    _put_addr(tm.saddr, t.family, t.src)
-    tm.reqid = t.reqid
-    tm.mode = {"transport": lib.XFRM_MODE_TRANSPORT, "tunnel": lib.XFRM_MODE_TUNNEL}[t.mode]
-    tm.optional = int(t.optional)
-    tm.aalgos = tm.ealgos = tm.calgos = 0xFFFFFFFF     # any algorithm the SA has
-    return bytes(ffi.buffer(tm))
+    return template_bytes(t.family, t.src, t.dst, t.proto, t.spi, t.reqid, t.mode, t.optional)
 
 
-def _put_addr(field, family: int, text: str) -> None:
-    if text:
-        raw = socket.inet_pton(family, text)
-        ffi.memmove(ffi.addressof(field), raw, len(raw))
+@functools.lru_cache(maxsize=4096)
+def _addr16(family: int, text: str) -> bytes:
+    return socket.inet_pton(family, text) if text else b""      # (struct pads to 16)
 
 
 def set_socket_policy(sock: socket.socket, direction: str, templates=(), *,
