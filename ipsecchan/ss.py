@@ -4,6 +4,11 @@ One table instead of `ss`, `ip xfrm` and `swanctl` side by side: for each socket
 the policy the kernel applies in each direction (main SPD), the SA its packets leave through
 and the SAs the kernel accepts for its inbound packets.
 
+Without CAP_NET_ADMIN (the SAD/SPD cannot be read), the host's broker (`ipsecchan daemon`)
+answers instead, for root and the groups its --operators names: it looks each socket's flow
+up in its own kernel view and asks its IKE daemon (so --vici is then the broker's). Anyone
+else is told it may not.
+
 Sockets come from sock_diag (NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY dumps). We speak it on a
 standard-library netlink socket with the project's bounds-checked walker rather than through
 pyroute2's DiagSocket, because DiagSocket disables NLMSG_ERROR handling (its Marshal keys on the
@@ -355,7 +360,8 @@ def sock_dict(sock: Sock, index, identities=None) -> dict:
             "local": sock.local, "local_port": sock.local_port, "peer": sock.peer,
             "peer_port": sock.peer_port, "inode": sock.inode, "uid": sock.uid,
             "mark": sock.mark, "users": sock.users,
-            "ipsec": None if flow is None else ipsec_dict(index.lookup(flow), identities)}
+            "ipsec": None if flow is None or index is None
+            else ipsec_dict(index.lookup(flow), identities)}
 
 
 # ---- latches ----
@@ -367,6 +373,9 @@ class Latches:
     by_inode: dict[int, tuple[int | None, dict]] = field(default_factory=dict)
     unreadable: dict[int, str] = field(default_factory=dict)     # pid -> why
     everything_unknown: str | None = None      # the services could not even be listed
+    # Inodes whose latch the broker reported: it read the socket from the descriptor itself,
+    # so its word stands even where this user cannot see which processes hold the socket.
+    from_broker: set[int] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)              # for stderr
 
 
@@ -417,6 +426,26 @@ def _broker_latches(out: Latches) -> None:
         owner = latch.get("owner") or {}
         if isinstance(latch.get("inode"), int):
             out.by_inode[latch["inode"]] = (owner.get("pid"), latch)
+            out.from_broker.add(latch["inode"])
+
+
+def _broker_feed():
+    """(OperatorFeed, None) when the host's broker will answer this user's lookups, else
+    (None, why not)."""
+    from ipsecchan.broker.client import OperatorFeed, broker_path
+    path = broker_path()
+    if not os.path.exists(path):
+        return None, None
+    try:
+        feed = OperatorFeed(path)
+    except OSError as exc:
+        return None, f"the broker ({path}) cannot be reached: {exc}"
+    try:
+        feed.request({"op": "lookup", "flows": []})    # may this user ask?
+    except (OSError, ValueError) as exc:
+        feed.close()
+        return None, f"the broker ({path}) refused: {exc}"
+    return feed, None
 
 
 def latch_of(row: dict, latches: Latches) -> dict | None:
@@ -433,7 +462,7 @@ def latch_of(row: dict, latches: Latches) -> dict | None:
     if hit is None:
         return None
     pid, latch = hit
-    if pid not in pids:
+    if pid not in pids and row["inode"] not in latches.from_broker:
         # Abstract socket names are anyone's to take: a latch counts only from a process
         # that holds the socket.
         return {"state": "UNKNOWN",
@@ -636,47 +665,75 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def collect(opts, index=None, latches: Latches | None = None) -> list[dict]:
+def collect(opts, index=None, latches: Latches | None = None, broker=None) -> list[dict]:
     """The selected rows; the index is built from a fresh dump and the latches are read
-    from the status services unless given."""
+    from the status services unless given. `broker`: an OperatorFeed that answers for the
+    kernel and the IKE daemon instead (no CAP_NET_ADMIN here)."""
     protos = [p for p, on in (("tcp", opts.tcp), ("udp", opts.udp)) if on] or ["tcp", "udp"]
     families = [f for f, on in ((4, opts.ipv4), (6, opts.ipv6)) if on] or [4, 6]
-    if index is None:
+    if index is None and broker is None:
         index, _n = read_kernel_view()
     socks = list_sockets(protos, families, states_for(opts))
     if latches is None:
         latches = read_latches()
-    identities = None
-    if not getattr(opts, "no_ike", True):
-        from ipsecchan.ike.strongswan import StrongSwanSource
-        identities = StrongSwanSource(opts.vici, follow=False)
-    try:
-        rows = [sock_dict(s, index, identities) for s in socks]
-        for row in rows:
-            row["latch"] = latch_of(row, latches)
-        return select(rows, opts)
-    finally:
-        if identities is not None:
-            identities.close()
+    if broker is not None:
+        rows = [sock_dict(s, None) for s in socks]
+        flows = [(row, flow) for row, s in zip(rows, socks)
+                 if (flow := flow_of(s)) is not None]
+        answers = broker.lookup([f for _row, f in flows],
+                                ike=not getattr(opts, "no_ike", True))
+        for (row, _flow), ipsec in zip(flows, answers):
+            row["ipsec"] = ipsec
+    else:
+        identities = None
+        if not getattr(opts, "no_ike", True):
+            from ipsecchan.ike.strongswan import StrongSwanSource
+            identities = StrongSwanSource(opts.vici, follow=False)
+        try:
+            rows = [sock_dict(s, index, identities) for s in socks]
+        finally:
+            if identities is not None:
+                identities.close()
+    for row in rows:
+        row["latch"] = latch_of(row, latches)
+    return select(rows, opts)
 
 
 def run(opts) -> int:
     from ipsecchan.xfrm import XfrmError
+    broker = None
+    n_socket_policies = 0
     try:
         index, n_socket_policies = read_kernel_view()
     except (XfrmError, PermissionError) as exc:
+        index = None
         why = exc.strerror or str(exc)
-        hint = (" (needs CAP_NET_ADMIN in this network namespace)"
-                if exc.errno in (errno.EPERM, errno.EACCES) else "")
-        print(f"ipsecchan ss: cannot read the kernel's IPsec state (SAD/SPD): {why}{hint}",
-              file=sys.stderr)
-        return 2
-    latches = read_latches()
+        denied = exc.errno in (errno.EPERM, errno.EACCES)
+        hint = " (needs CAP_NET_ADMIN in this network namespace)" if denied else ""
+        if denied:
+            # Without the capability, the host's broker answers for operators it allows.
+            broker, refused = _broker_feed()
+            if refused:
+                hint += f"; {refused}"
+        if broker is None:
+            print(f"ipsecchan ss: cannot read the kernel's IPsec state (SAD/SPD): {why}{hint}",
+                  file=sys.stderr)
+            return 2
     try:
-        rows = collect(opts, index, latches)
-    except OSError as exc:
-        print(f"ipsecchan ss: cannot read the socket table: {exc}", file=sys.stderr)
-        return 2
+        latches = read_latches()
+        try:
+            rows = collect(opts, index, latches, broker)
+        except ConnectionError as exc:
+            print(f"ipsecchan ss: the broker stopped answering: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            what = "the broker's answer" if broker is not None and exc.strerror and \
+                exc.strerror.startswith("broker:") else "the socket table"
+            print(f"ipsecchan ss: cannot read {what}: {exc}", file=sys.stderr)
+            return 2
+    finally:
+        if broker is not None:
+            broker.close()
     for err in latches.errors:
         print(f"ipsecchan ss: {err}", file=sys.stderr)
     if n_socket_policies and any(r["ipsec"] for r in rows):

@@ -1135,6 +1135,72 @@ def test_list_comes_in_pages_that_fit_a_message():
     assert r["errors"] == []
 
 
+# ---- `ipsecchan ss` through the broker, for operators without CAP_NET_ADMIN ----
+
+@scenario
+def operator_lookup():
+    bench = _protected_bench()
+    try:
+        out = {}
+        u = udp(B)
+        port = u.getsockname()[1]
+
+        def ss_rows():
+            # `ipsecchan ss --json -u` as this user (the SAD/SPD dump is refused without the
+            # capability, so the broker answers), its output parsed.
+            import contextlib
+            import io
+            from ipsecchan import cli
+            os.environ["IPSECCHAN_BROKER"] = bench.path
+            buf, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+                code = cli.main(["ss", "--json", "-u"])
+            rows = json.loads(buf.getvalue()) if code == 0 else None
+            return {"code": code, "stderr": err.getvalue(),
+                    "row": next((r for r in rows or [] if r["local_port"] == port), None)}
+
+        out["operator"] = as_user(65533, ss_rows, groups=[OPERATORS])
+        out["outsider"] = as_user(65534, ss_rows)
+        with bench.session() as s:
+            flow = [socket.AF_INET, socket.IPPROTO_UDP, A, port, B, 9, 0, 0]
+            out["root"] = s.call({"op": "lookup", "flows": [flow, flow[:4] + [A, 9, 0, 0]],
+                                  "ike": False})
+            bad = {"short": [flow[:7]], "address": [flow[:4] + ["fd00::1"] + flow[5:]],
+                   "port": [flow[:3] + [70000] + flow[4:]], "text": [flow[:2] + [7] + flow[3:]],
+                   "many": [flow] * 65, "not_a_list": {"x": 1}}
+            out["bad"] = {k: s.call({"op": "lookup", "flows": v}) for k, v in bad.items()}
+            out["bad"]["ike"] = s.call({"op": "lookup", "flows": [flow], "ike": 1})
+        out["serves"] = bench.serves()
+        u.close()
+        out["errors"] = bench.errors
+        return out
+    finally:
+        bench.close()
+
+
+def test_operators_without_the_capability_read_ipsec_state_through_the_broker():
+    r = run_scenario("operator_lookup")
+    op = r["operator"]
+    assert op["code"] == 0, op["stderr"]
+    ipsec = op["row"]["ipsec"]
+    assert ipsec["status"] == "protected"
+    assert [s["spi"] for s in ipsec["out"]["sas"]] == [0x1001]
+    assert [s["spi"] for s in ipsec["in"]["sas"]] == [0x1002]
+    assert ipsec["identity"]["state"] == "verified"
+    assert ipsec["identity"]["peer"]["id"] == "CN=bob"
+    # Not an operator: refused, and ss says why (no partial table).
+    out = r["outsider"]
+    assert out["code"] == 2 and out["row"] is None
+    assert "CAP_NET_ADMIN" in out["stderr"] and "operator" in out["stderr"]
+    # Root asks directly: two flows, the second covered by no policy; no identity asked.
+    a, b = r["root"]["ipsec"]
+    assert a["status"] == "protected" and a["identity"] is None
+    assert b["status"] == "unprotected" and b["out"]["sas"] == []
+    for name, reply in r["bad"].items():
+        assert reply["ok"] is False and reply["errno"] == errno.EINVAL, name
+    assert r["serves"] is not None and r["errors"] == []
+
+
 # ---- latching again after a restart: only to what was latched ----
 
 RELATCH_WAIT = 8.0

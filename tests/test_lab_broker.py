@@ -64,13 +64,14 @@ time.sleep(60)
 
 def test_operators_see_broker_latches_in_ss_and_watch(lab):
     # ss and watch, as root, show the latches the broker holds for an unprivileged process;
-    # an unprivileged user (not in an operator group) is told it may not see them.
+    # so does ss for an operator without CAP_NET_ADMIN (the broker answers for the kernel and
+    # charon); an unprivileged user not in an operator group is told it may not see them.
     lab.add_host("alice")
     lab.add_host("bob")
     link = lab.ike("alice", "bob", auth="cert")
     bob = lab.host("bob").addr(4)
     py = lab.kernel.python
-    lab.start_broker("alice")
+    lab.start_broker("alice", "--operators", "4242")
     env = {"IPSECCHAN_BROKER": lab.broker_socket("alice")}
     lab.spawn("bob", [py, "-m", "ipsecchan.lab.echo", "serve", bob, "5000"])
     _wait_listening(lab, "bob", 5000)
@@ -86,6 +87,15 @@ def test_operators_see_broker_latches_in_ss_and_watch(lab):
     row = next(r for r in rows if r["local_port"] == port and r["peer_port"] == 5000)
     assert row["latch"]["state"] == "ESTABLISHED" and row["latch"]["peer"]["id"] == link.b_id
     assert row["latch"]["owner"]["uid"] == 65534
+    as_operator = lab.run("alice", lab.unprivileged([py, "-m", "ipsecchan", "ss", "--json"],
+                                                    uid=65533, gid=4242), env=env)
+    assert as_operator.rc == 0, as_operator.stderr.decode(errors="replace")
+    seen = next(r for r in json.loads(as_operator.text)
+                if r["local_port"] == port and r["peer_port"] == 5000)
+    assert seen["ipsec"]["status"] == "protected"
+    assert seen["ipsec"]["identity"]["peer"]["id"] == link.b_id
+    assert seen["ipsec"]["out"]["sas"] and seen["ipsec"]["in"]["sas"]
+    assert seen["latch"]["state"] == "ESTABLISHED" and seen["latch"]["owner"]["uid"] == 65534
     # nobody, in no operator group: watch is told so, and sees none of the latches.
     outsider = lab.spawn("alice", lab.unprivileged([py, "-m", "ipsecchan", "watch", "--json"]),
                          env=env)

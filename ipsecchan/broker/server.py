@@ -61,6 +61,7 @@ from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, Po
                                      Requirements, conflict)
 from ipsecchan.latch.engine import Latcher, LatchWouldWait
 from ipsecchan.xfrm import clear_socket_policies
+from ipsecchan.xfrm.lookup import Flow
 
 log = logging.getLogger("ipsecchan.broker")
 
@@ -80,7 +81,8 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
 _libc = ctypes.CDLL(None, use_errno=True)
 _TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
-_OPS = ("latch", "listen", "accept", "abort", "release", "list", "follow")
+_OPS = ("latch", "listen", "accept", "abort", "release", "list", "follow", "lookup")
+MAX_LOOKUP_FLOWS = 64          # flows one "lookup" request may ask about
 _POLICIES = {"require": Policy.REQUIRE, "optional": Policy.OPTIONAL}
 
 
@@ -371,6 +373,28 @@ def _int_field(msg: dict, name: str) -> int | None:
     if type(value) is not int:          # bool is an int subclass: not a number here
         raise RequestError(f"{name!r} must be an integer", errno.EINVAL)
     return value
+
+
+def _flow(value) -> Flow:
+    """A flow as `lookup` takes it: [family, proto, local, local_port, remote, remote_port,
+    mark, ifindex], the addresses in the family's text form."""
+    if not (isinstance(value, list) and len(value) == 8
+            and all(type(v) is int for v in value[:2] + value[3:4] + value[5:])
+            and all(isinstance(v, str) for v in (value[2], value[4]))):
+        raise RequestError("a flow is [family, proto, local, local_port, remote, remote_port, "
+                           "mark, ifindex]", errno.EINVAL)
+    family, proto, local, lport, remote, rport, mark, ifindex = value
+    if family not in (socket.AF_INET, socket.AF_INET6) or not 0 <= proto <= 255 \
+            or not (0 <= lport <= 65535 and 0 <= rport <= 65535) \
+            or not 0 <= mark <= 0xFFFFFFFF or not 0 <= ifindex <= 0x7FFFFFFF:
+        raise RequestError("a flow's family, protocol, port, mark or ifindex is out of range",
+                           errno.EINVAL)
+    try:
+        local, remote = (socket.inet_ntop(family, socket.inet_pton(family, a))
+                         for a in (local, remote))
+    except (OSError, ValueError):
+        raise RequestError("a flow's address is not one of its family", errno.EINVAL) from None
+    return Flow(family, proto, local, lport, remote, rport, mark=mark, ifindex=ifindex)
 
 
 def _requirements(msg: dict) -> Requirements:
@@ -670,6 +694,8 @@ class Broker:
             self._check_operator(client, "following latches")
             client.follower = True
             return {"ok": True}
+        if op == "lookup":
+            return self._lookup(client, msg)
         if op == "abort":
             return self._abort(fds.pop())
         # Everything about the request is checked before the socket is looked at.
@@ -920,6 +946,34 @@ class Broker:
             out.append(item)
             size += n
         return {"ok": True, "latches": out, "next": nxt}
+
+    def _lookup(self, client: Client, msg: dict) -> dict:
+        """For operators without CAP_NET_ADMIN (`ipsecchan ss`): what the kernel's SAD/SPD
+        (the broker's view of it) and the IKE daemon say of each flow asked about, in ss's
+        "ipsec" format. As many answers as fit in one reply; the client asks again for the
+        rest."""
+        self._check_operator(client, "reading the kernel's IPsec state")
+        flows, ike = msg.get("flows"), msg.get("ike", True)
+        if not isinstance(flows, list) or len(flows) > MAX_LOOKUP_FLOWS:
+            raise RequestError(f"'flows' must be a list of at most {MAX_LOOKUP_FLOWS} flows",
+                               errno.EINVAL)
+        if type(ike) is not bool:
+            raise RequestError("'ike' must be true or false", errno.EINVAL)
+        flows = [_flow(f) for f in flows]
+        from ipsecchan.ss import ipsec_dict
+        out, size = [], 256
+        with self.latcher.lock:
+            self.latcher.poll_xfrm()        # the view as of now (its events go to the latches)
+            index = self.latcher.view.index
+            for flow in flows:
+                item = ipsec_dict(index.lookup(flow), self.latcher.identities if ike else None)
+                size += len(protocol.encode(item)) + 1
+                if size > protocol.MAX_MESSAGE:
+                    break
+                out.append(item)
+        if flows and not out:
+            raise RequestError("the answer for one flow does not fit in a message", errno.E2BIG)
+        return {"ok": True, "ipsec": out}
 
     def _release(self, client: Client, handle, *, block: bool = False) -> None:
         """Close the latch. `block`: its client is gone; a socket that lives on is blocked
