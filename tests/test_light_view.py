@@ -221,3 +221,23 @@ def test_lookup_brief_tells_what_lookup_tells():
     assert {("protected", "protected"), ("no-sa", "protected"), ("bypass", "bypass"),
             ("no-policy", "no-policy"), ("protected", "no-policy")} <= verdicts, seen
     assert any(k[4] for k in seen) and any(k[3] == 2 for k in seen), seen
+
+
+def test_a_default_policy_change_is_an_event_that_reaches_every_latch():
+    # The default policy decides flows no policy matches: a change must be looked at by every
+    # latch (and applied to the index), in both kinds of view.
+    from ipsecchan.latch.registry import LatchRegistry
+    from ipsecchan.xfrm.lookup import Flow
+    reg = LatchRegistry()
+    reg.add(1, Flow(V4, 6, "10.0.0.1", 40000, "10.0.0.2", 5000))
+    reg.add(2, Flow(V6, 17, "fd00::1", 40000, "fd00::2", 53))
+    block_in_out = bytes([lib.XFRM_USERPOLICY_BLOCK, lib.XFRM_USERPOLICY_ACCEPT,
+                          lib.XFRM_USERPOLICY_BLOCK, 0])
+    for light in (True, False):
+        view = FedView(light)
+        view.index.default_in = view.index.default_out = "accept"
+        view.feed(encode.message(lib.XFRM_MSG_GETDEFAULT, block_in_out))
+        events = view.poll()
+        assert [e.kind for e in events] == ["policy-default"], light
+        assert (view.index.default_in, view.index.default_out) == ("block", "block")
+        assert reg.affected(events[0]) == {1, 2}

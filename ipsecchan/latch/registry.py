@@ -9,7 +9,8 @@ and asks, for each XFRM or IKE event, which latches to observe again.
                                            latches on that SA key
   policy added, updated, deleted        -> latches whose flow the policy's selector covers:
                                            checked once per peer address, not per latch
-  SA or policy flush, resync            -> every latch
+  SA or policy flush, resync, a change  -> every latch
+  of the default policy
   IKE event naming SPIs                 -> latches on those SAs (and their peer addresses)
 """
 from __future__ import annotations

@@ -302,7 +302,8 @@ class XfrmEvent:
     """One XFRM notification, decoded.
 
     kind: sa-new, sa-update, sa-delete, sa-expire, sa-flush, policy-new, policy-update,
-    policy-delete, policy-expire, policy-flush, acquire. A hard expire means the kernel has
+    policy-delete, policy-expire, policy-flush, policy-default (the default policy changed:
+    what applies to flows no policy matches), acquire. A hard expire means the kernel has
     removed the SA or policy (it sends no separate delete); a soft one marks it dying.
     """
     kind: str

@@ -178,6 +178,7 @@ class XfrmView:
                 if m.type == lib.XFRM_MSG_GETDEFAULT:      # the default policy changed
                     self.index.default_in, self.index.default_out = \
                         decode_default_policy(m.payload)
+                    events.append(XfrmEvent("policy-default"))
                     continue
                 ev = decode_event(m.type, m.payload)
                 if ev is not None:
@@ -216,6 +217,7 @@ class XfrmView:
             payload = memoryview(data)[c.offset + _HDR:c.offset + c.len]
             if t == _GETDEFAULT:                           # the default policy changed
                 index.default_in, index.default_out = decode_default_policy(payload)
+                events.append(XfrmEvent("policy-default"))
                 continue
             ev = decode_event(t, payload)
             if ev is not None:
