@@ -375,6 +375,20 @@ def _int_field(msg: dict, name: str) -> int | None:
     return value
 
 
+class _Memo:
+    """An identity source asked once per SA within one request (an SA the IKE daemon does not
+    know makes it list its SAs again on each ask)."""
+
+    def __init__(self, source):
+        self.source, self.answers = source, {}
+
+    def identify(self, sa):
+        ans = self.answers.get(sa.key)
+        if ans is None:
+            ans = self.answers[sa.key] = self.source.identify(sa)
+        return ans
+
+
 def _flow(value) -> Flow:
     """A flow as `lookup` takes it: [family, proto, local, local_port, remote, remote_port,
     mark, ifindex], the addresses in the family's text form."""
@@ -962,11 +976,12 @@ class Broker:
         flows = [_flow(f) for f in flows]
         from ipsecchan.ss import ipsec_dict
         out, size = [], 256
+        identities = _Memo(self.latcher.identities) if ike else None
         with self.latcher.lock:
             self.latcher.poll_xfrm()        # the view as of now (its events go to the latches)
             index = self.latcher.view.index
             for flow in flows:
-                item = ipsec_dict(index.lookup(flow), self.latcher.identities if ike else None)
+                item = ipsec_dict(index.lookup(flow), identities)
                 size += len(protocol.encode(item)) + 1
                 if size > protocol.MAX_MESSAGE:
                     break
