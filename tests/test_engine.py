@@ -163,7 +163,7 @@ class Sock:
         self.ops.append((direction, spi, "block" if info.action else "allow"))
 
 
-def _world():
+def _world(src=None):
     t = Template(V4, "", "", "esp", 0, 1, "transport", False)
     pols = [Policy("out", "allow", 100, 1, Selector(V4, LOCAL, PEER, 32, 32, 0, 0, 0, 0, 0, 0),
                    (t,), None, None, None),
@@ -171,7 +171,7 @@ def _world():
                    (t,), None, None, None)]
     view = FedView(dump=encode.dump([_sa(LOCAL, PEER, 0x100), _sa(PEER, LOCAL, 0x200)],
                                    pols))
-    src = Source()
+    src = src or Source()
     return Latcher(src, view), view, src
 
 
@@ -236,19 +236,6 @@ def test_rekey_moves_the_pin_and_a_reused_sa_key_is_judged_anew():
     assert h.state is LatchState.BROKEN and h.latch.cause is Cause.PEER_CHANGED
 
 
-def test_alerts_and_history_are_bounded():
-    lat, view, src = _world()
-    heard = []
-    h = lat.latch(Sock(), on_alert=lambda handle, a: heard.append(a))
-    for i in range(2 * max(engine.ALERTS_LIMIT, HISTORY_LIMIT)):
-        src.down = not src.down
-        view.feed(encode.expire(_sa(LOCAL, PEER, 0x100), hard=False))
-        lat.poll()
-    assert len(heard) == 1 + 2 * max(engine.ALERTS_LIMIT, HISTORY_LIMIT)   # owners hear all
-    assert len(h.alerts) == engine.ALERTS_LIMIT and h.alerts[-1] is heard[-1]
-    assert len(h.latch.history) == HISTORY_LIMIT
-
-
 class EpochSource(Source):
     """Source with an IdentitySource.epoch, bumped when the daemon goes or comes back (and
     said by an event, as the strongSwan source does)."""
@@ -264,6 +251,54 @@ class EpochSource(Source):
 
     def next_event(self, timeout=None):
         return self.events.pop(0) if self.events else None
+
+
+def _counting_lookups(view):
+    n = []
+    real = view.index.lookup_brief
+    view.index.lookup_brief = lambda flow: (n.append(flow), real(flow))[1]
+    return n
+
+
+@pytest.mark.parametrize("epochs", [True, False])
+def test_a_removed_inbound_sa_is_taken_in_without_a_look_only_when_nothing_else_came(epochs):
+    lat, view, src = _world(EpochSource() if epochs else Source())
+    s = Sock()
+    h = lat.latch(s)
+    view.feed(encode.newsa(_sa(PEER, LOCAL, 0x201)), encode.newsa(_sa(LOCAL, PEER, 0x101)),
+              encode.delsa(_sa(LOCAL, PEER, 0x100)))
+    lat.poll()
+    looked, ops = _counting_lookups(view), list(s.ops)
+    view.feed(encode.delsa(_sa(PEER, LOCAL, 0x200)))     # the rekey's old inbound SA goes
+    assert lat.poll() == [] and s.ops == ops
+    assert [x.key[3] for x in h.latch.params.in_sas] == [0x201]
+    # Without epochs the identities must be asked again: that latch is looked at.
+    assert len(looked) == (0 if epochs else 1)
+    assert [x.key for x in lat.observe(h.flow).in_sas] == \
+        [x.key for x in h.latch.params.in_sas]                  # what a look finds now
+    assert lat.registry.affected_by_spis([0x200]) == set()
+    # Another inbound SA of bob's, then in one round: bob's older one goes and mallory's comes
+    # (reqid 1 too). The removal alone could be taken in; with the newcomer it is looked at.
+    view.feed(encode.newsa(_sa(PEER, LOCAL, 0x202)))
+    lat.poll()
+    view.feed(encode.delsa(_sa(PEER, LOCAL, 0x201)), encode.newsa(_sa(PEER, LOCAL, 0x203, True)))
+    alerts = lat.poll()
+    assert [a.new for _, a in alerts] == [LatchState.BROKEN]
+    assert h.latch.cause is Cause.PEER_CHANGED and s.ops[-2:] == [("out", None, "block"),
+                                                                  ("in", None, "block")]
+
+
+def test_alerts_and_history_are_bounded():
+    lat, view, src = _world()
+    heard = []
+    h = lat.latch(Sock(), on_alert=lambda handle, a: heard.append(a))
+    for i in range(2 * max(engine.ALERTS_LIMIT, HISTORY_LIMIT)):
+        src.down = not src.down
+        view.feed(encode.expire(_sa(LOCAL, PEER, 0x100), hard=False))
+        lat.poll()
+    assert len(heard) == 1 + 2 * max(engine.ALERTS_LIMIT, HISTORY_LIMIT)   # owners hear all
+    assert len(h.alerts) == engine.ALERTS_LIMIT and h.alerts[-1] is heard[-1]
+    assert len(h.latch.history) == HISTORY_LIMIT
 
 
 def test_an_epoch_source_is_asked_once_per_sa_until_its_epoch_changes():

@@ -78,7 +78,8 @@ ALLOWED = {
     (LatchState.LISTENER, "accept"), (LatchState.LISTENER, "close"),
     (LatchState.LATCHING, "begin"), (LatchState.LATCHING, "confirm"),
     (LatchState.LATCHING, "close"),
-    (LatchState.ESTABLISHED, "observe"), (LatchState.ESTABLISHED, "close"),
+    (LatchState.ESTABLISHED, "observe"), (LatchState.ESTABLISHED, "inbound-gone"),
+    (LatchState.ESTABLISHED, "close"),
     (LatchState.BROKEN, "observe"), (LatchState.BROKEN, "close"),
 }
 
@@ -89,6 +90,7 @@ def test_every_state_and_input(state, kind):
     assert latch.state is state
     call = {"begin": lambda: latch.begin(obs()), "confirm": lambda: latch.confirm(obs()),
             "observe": lambda: latch.observe(obs()), "accept": lambda: latch.accept(obs()),
+            "inbound-gone": lambda: latch.inbound_gone({sa(0x999).key}),
             "close": latch.close}[kind]
     if (state, kind) not in ALLOWED:
         with pytest.raises(LatchProtocolError):
@@ -312,3 +314,53 @@ def test_pending_observation_changes_nothing():
     assert latch.observe(pending) == [] and latch.state is LatchState.BROKEN
     with pytest.raises(LatchProtocolError, match="pending"):
         Latch.connector().begin(pending)
+
+
+def _rekeyed_inbound():
+    """A latch after a CHILD_SA rekey's first half: OUT on the new SA, IN accepting the old
+    and the new inbound SA (both of reqid 1)."""
+    latch = established()
+    both = Observation(True, "protected", "protected", (sa(0x101),),
+                       (sa(0x200, dst="10.0.0.1"), sa(0x201, dst="10.0.0.1")))
+    assert [type(e) for e in latch.observe(both)] == [Alert, Pin]
+    return latch
+
+
+OLD_IN, NEW_IN = sa(0x200, dst="10.0.0.1").key, sa(0x201, dst="10.0.0.1").key
+
+# (what went) -> taken in (the inbound SAs left), or None: the latch must be observed
+INBOUND_GONE = [
+    ("the rekey's old inbound SA", {OLD_IN}, [NEW_IN]),
+    ("an SA the latch does not hold", {sa(0x999).key}, [OLD_IN, NEW_IN]),
+    ("the SA carrying it out", {sa(0x101).key}, None),
+    ("every inbound SA", {OLD_IN, NEW_IN}, None),
+]
+
+
+@pytest.mark.parametrize("name,keys,left", INBOUND_GONE, ids=[g[0] for g in INBOUND_GONE])
+def test_inbound_sas_gone(name, keys, left):
+    latch = _rekeyed_inbound()
+    before = latch.params
+    effects = latch.inbound_gone(keys)
+    assert latch.state is LatchState.ESTABLISHED
+    if left is None:
+        assert effects is None and latch.params is before      # nothing taken in
+        return
+    assert effects == []
+    assert [s.key for s in latch.params.in_sas] == left
+    assert latch.params.out_sas == before.out_sas and latch.params.peer is before.peer
+    # What it took in is what observing would have found: that observation is unchanged.
+    seen = Observation(True, "protected", "protected", latch.params.out_sas,
+                       latch.params.in_sas)
+    assert latch.observe(seen) == []
+
+
+def test_inbound_gone_leaves_bundles_and_cleartext_latches_to_an_observation():
+    ah = Protection("ah", "transport", False, None, 0, "hmac(sha256)", 128)
+    bundle = Observation(True, "protected", "protected", (sa(0x100), sa(0x300, prot=ah)),
+                         (sa(0x200, dst="10.0.0.1"), sa(0x400, prot=ah, dst="10.0.0.1"),
+                          sa(0x401, prot=ah, dst="10.0.0.1")))
+    latch = established(first=bundle)
+    assert latch.inbound_gone({sa(0x400, prot=ah, dst="10.0.0.1").key}) is None
+    clear = established(Requirements(Policy.OPTIONAL), first=CLEAR)
+    assert clear.inbound_gone({OLD_IN}) is None

@@ -476,9 +476,24 @@ class Latcher:
         except OSError:
             touched = self.registry.ids()
         events, self._backlog = self._backlog, []
-        collect = self.registry.collect
+        collect, affected = self.registry.collect, self.registry.affected
+        # SAs removed (a rekey's old ones going): a latch they alone reached is told which
+        # went (Latch.inbound_gone), without a lookup, when its identity answers stand for the
+        # source's whole epoch; a source without epochs is asked again in every round.
+        gone: dict[int, set] = {}
+        quick = self._valid[0] == 0
         for ev in events:
-            collect(ev, touched)
+            kind = ev.kind
+            if quick and (kind == "sa-delete" or (kind == "sa-expire" and ev.hard)):
+                key = ev.sa_key
+                for hid in affected(ev):
+                    keys = gone.get(hid)
+                    if keys is None:
+                        gone[hid] = {key}
+                    else:
+                        keys.add(key)
+            else:
+                collect(ev, touched)
         while (ike := self.identities.next_event(0)) is not None:
             if ike.kind in ("daemon-lost", "daemon-back"):
                 touched |= self.registry.ids()
@@ -486,6 +501,18 @@ class Latcher:
                 if side is not None:
                     touched |= self.registry.affected_by_spis(
                         s for s in (side.spi_in, side.spi_out) if s)
+        pending = self._pending
+        for hid, keys in gone.items():
+            if hid in touched or hid in pending:
+                continue                        # observed below in any case
+            handle = self.handles.get(hid)
+            if handle is None or handle.flow is None:
+                continue
+            latch = handle.latch
+            if latch.state is LatchState.ESTABLISHED and latch.inbound_gone(keys) is not None:
+                self.registry.update_sas(hid, _keys(latch))
+            else:
+                touched.add(hid)
         out = []
         for hid in sorted(touched | self._pending):
             handle = self.handles.get(hid)

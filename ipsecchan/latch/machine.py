@@ -19,7 +19,9 @@ States (RFC 5660 section 2.3) and this module's one addition:
     CLOSED       released; no transition leaves it
 
 A rekey (new SAs, same identities, protection no weaker) keeps ESTABLISHED and moves the
-latch to the new SAs. Optional protection (RFC 5660 section 3.1, BTNS) lets a connection
+latch to the new SAs. When the only news for an ESTABLISHED latch is that SAs were removed
+(a rekey's old inbound SA, seconds later), inbound_gone() takes that in without a new
+observation where the outcome follows from the latched SAs alone. Optional protection (RFC 5660 section 3.1, BTNS) lets a connection
 latch to cleartext, knowingly: such a latch reports protected=False and promises nothing
 further, so no observation breaks it.
 """
@@ -325,6 +327,13 @@ class Latch:
         """A later observation (an XFRM or IKE event touched the connection)."""
         return self.handle("observe", obs)
 
+    def inbound_gone(self, keys) -> list[Effect] | None:
+        """SAs named by `keys` were removed from the SAD, and nothing else reached the latch
+        since its last observation (the caller's registry says so). When what an observation
+        would show now follows from that alone, the latch takes it in: [] (no effect: the IN
+        pin names a reqid, not SAs). None when it does not: observe instead."""
+        return self.handle("inbound-gone", keys)
+
     def accept(self, obs: Observation) -> tuple["Latch", list[Effect]]:
         """On a listener latch: the latch of an accepted connection (pinned at once: the
         kernel cloned the listener's policy into it, so its first packets were covered)."""
@@ -402,6 +411,27 @@ class Latch:
         return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
                 Pin(self.params)]
 
+    def _inbound_gone(self, keys) -> list[Effect] | None:
+        # The latched SAs are what the last observation showed. Removing SAs can change that
+        # observation only by the SAs removed, unless one carried the connection out, or none
+        # of the latch's kind is left inbound (the verdict would become no-sa); bundles of
+        # several layers are left to a full observation.
+        latched = self.params
+        if not latched.protected or len(latched.out_sas) != 1:
+            return None
+        out = latched.out_sas[0]
+        if out.key in keys:
+            return None
+        left = tuple(s for s in latched.in_sas if s.key not in keys)
+        if len(left) == len(latched.in_sas):
+            return []                                  # none of its SAs: nothing changed
+        kind = (out.reqid, out.protection.proto, out.protection.mode)
+        if not any((s.reqid, s.protection.proto, s.protection.mode) == kind for s in left):
+            return None
+        self.params = LatchParams(True, latched.local, latched.peer, latched.protection,
+                                  latched.reqids, latched.out_sas, left)
+        return []
+
     def _observe_broken(self, obs: Observation) -> list[Effect]:
         if obs.pending:
             return []
@@ -431,9 +461,10 @@ _TABLE = {
     (LatchState.LATCHING, "confirm"): Latch._confirm,
     (LatchState.LATCHING, "close"): Latch._close_latching,
     (LatchState.ESTABLISHED, "observe"): Latch._observe_established,
+    (LatchState.ESTABLISHED, "inbound-gone"): Latch._inbound_gone,
     (LatchState.ESTABLISHED, "close"): Latch._close,
     (LatchState.BROKEN, "observe"): Latch._observe_broken,
     (LatchState.BROKEN, "close"): Latch._close,
 }
 
-INPUTS = ("begin", "confirm", "observe", "accept", "close")
+INPUTS = ("begin", "confirm", "observe", "inbound-gone", "accept", "close")
