@@ -978,7 +978,11 @@ class Broker:
         out, size = [], 256
         identities = _Memo(self.latcher.identities) if ike else None
         with self.latcher.lock:
-            self.latcher.poll_xfrm()        # the view as of now (its events go to the latches)
+            try:
+                self.latcher.poll_xfrm()    # the view as of now (its events go to the latches)
+            except OSError as exc:
+                raise RequestError(f"the kernel's IPsec state cannot be read: {exc}",
+                                   exc.errno or errno.EIO) from None
             index = self.latcher.view.index
             for flow in flows:
                 item = ipsec_dict(index.lookup(flow), identities)
