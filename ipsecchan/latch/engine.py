@@ -252,15 +252,7 @@ class Latcher:
                 self._take(self.view.poll())
             except OSError as exc:
                 return Observation(False, reason=f"XFRM notifications: {exc}")
-        index = self.view.index
-        # The C index answers with SARefs (nothing decoded); the reference model with SAs.
-        if isinstance(index, Index):
-            out_verdict, out_sas, in_verdict, in_sas, in_clear = index.lookup_brief(flow)
-        else:
-            res = index.lookup(flow)
-            out_verdict, out_sas, in_verdict, in_sas, in_clear = (
-                res.out.verdict, res.out.sas, res.inbound.verdict, res.inbound.sas,
-                res.inbound.cleartext_accepted)
+        out_verdict, out_sas, in_verdict, in_sas, in_clear = self._lookup(flow)
         pending, now = False, None
         sides = []
         facts_of, shared_sides = self._facts, self._sides
@@ -289,6 +281,30 @@ class Latcher:
             sides.append(shared)
         return Observation(True, out_verdict, in_verdict, sides[0], sides[1], in_clear,
                            pending=pending)
+
+    def _lookup(self, flow: Flow) -> tuple[str, tuple, str, tuple, bool]:
+        """(OUT verdict, OUT SAs, IN verdict, IN SAs, IN accepts cleartext) for the flow. The
+        C index answers with SARefs (nothing decoded); the reference model with SAs."""
+        index = self.view.index
+        if isinstance(index, Index):
+            return index.lookup_brief(flow)
+        res = index.lookup(flow)
+        return (res.out.verdict, res.out.sas, res.inbound.verdict, res.inbound.sas,
+                res.inbound.cleartext_accepted)
+
+    def _only_gone(self, handle: LatchHandle, keys: set) -> bool:
+        """The kernel's answer for the latch's flow is the latched one without the SAs
+        `keys` names: then that is all an observation would find (the identities of the SAs
+        left were verified in this epoch and their records did not change, or an event would
+        have reached the latch)."""
+        params = handle.latch.params
+        if params is None or not params.protected:
+            return False
+        out_verdict, out_sas, in_verdict, in_sas, in_clear = self._lookup(handle.flow)
+        return (out_verdict == in_verdict == "protected" and not in_clear
+                and [s.key for s in out_sas] == [s.key for s in params.out_sas]
+                and [s.key for s in in_sas] == [s.key for s in params.in_sas
+                                                if s.key not in keys])
 
     def _settled(self, flow: Flow, fresh: bool = True, wait: bool = True) -> Observation:
         """An observation that is not pending: wait for the identity source meanwhile (or,
@@ -477,9 +493,11 @@ class Latcher:
             touched = self.registry.ids()
         events, self._backlog = self._backlog, []
         collect, affected = self.registry.collect, self.registry.affected
-        # SAs removed (a rekey's old ones going): a latch they alone reached is told which
-        # went (Latch.inbound_gone), without a lookup, when its identity answers stand for the
-        # source's whole epoch; a source without epochs is asked again in every round.
+        # SAs removed (a rekey's old ones going): a latch they alone reached, whose flow the
+        # kernel now carries on its latched SAs less those, is told which went
+        # (Latch.inbound_gone) instead of being observed and judged again, when its identity
+        # answers stand for the source's whole epoch (a source without epochs is asked again
+        # in every round).
         gone: dict[int, set] = {}
         quick = self._valid[0] == 0
         for ev in events:
@@ -509,7 +527,8 @@ class Latcher:
             if handle is None or handle.flow is None:
                 continue
             latch = handle.latch
-            if latch.state is LatchState.ESTABLISHED and latch.inbound_gone(keys) is not None:
+            if latch.state is LatchState.ESTABLISHED and self._only_gone(handle, keys) \
+                    and latch.inbound_gone(keys) is not None:
                 self.registry.update_sas(hid, _keys(latch))
             else:
                 touched.add(hid)
