@@ -69,6 +69,11 @@ class LatchedFd:
         except OSError:
             return None, False
 
+    def current(self) -> tuple[_std.socket | None, bool]:
+        """(the latched socket, whether that is a temporary copy to close), or (None, False)
+        when it is gone."""
+        return self._target()
+
     def inode(self) -> int | None:
         """The latched socket's inode, or None when it is gone."""
         sock, tmp = self._target()

@@ -351,8 +351,12 @@ def case_five_descriptors(bench, s):
 
 
 def case_fd_for_release(bench, s):
-    with udp() as u:
-        return s.call({"op": "release", "latch": 1}, fds=[u.fileno()])
+    # A release may carry the latch's socket; not another one (the latch stays).
+    with udp() as u, udp() as other:
+        lid = _latch_with(s, u)["latch"]["id"]
+        reply = s.call({"op": "release", "latch": lid, "quiet": True}, fds=[other.fileno()])
+        assert s.call({"op": "release", "latch": lid})["ok"] is True
+        return reply
 
 
 def case_fd_for_list(bench, s):
@@ -971,6 +975,57 @@ def test_a_lingering_socket_cannot_stall_the_broker():
     r = run_scenario("lingering_socket")
     assert r["stuck"] >= 1          # its close is still waiting, in a helper thread
     assert None not in r["served"] and max(r["served"]) < 2, r["served"]
+    assert r["errors"] == []
+
+
+@scenario
+def quiet_release():
+    """The client library's release of a TCP connection, closed right after: its socket goes
+    with the request, unanswered, and its policies are cleared before it closes."""
+    from ipsecchan.broker.client import BrokerClient
+    from ipsecchan.latch.machine import Policy, Requirements
+    bench = Bench()
+    try:
+        bench.serves()
+        before = bench.state()
+        client = BrokerClient(bench.path)
+        out = {"released": []}
+        pairs = [bench.tcp_pair() for _ in range(3)]
+        handles = [client.latch(c, Requirements(Policy.OPTIONAL)) for c, _ in pairs]
+        out["policies_while_latched"] = len(socket_policies())
+        # The broker is held up in each release (it needs the Latcher's lock): each socket
+        # is closed here well before the broker has cleared its policies.
+        with bench.broker.latcher.lock:
+            for (c, _), h in zip(pairs, handles):
+                t = time.monotonic()
+                client.release(h)
+                out["released"].append(time.monotonic() - t)
+                c.send(b"unread by the peer")
+                c.close()       # the peer has not closed: this one lives on, in FIN_WAIT
+        out["after"] = bench.wait_for({"policies": 0, "latches": 0})
+        out["ss"] = subprocess.run(["ss", "-tanH", "state", "fin-wait-1", "state",
+                                    "fin-wait-2"], capture_output=True, text=True).stdout
+        client.close()
+        for _, p in pairs:
+            abort(p)
+        want = {k: before[k] for k in ("latches", "owned", "policies")}
+        out["before"], out["final"] = before, bench.wait_for(want)
+        out["errors"] = bench.errors
+        return out
+    finally:
+        bench.close()
+
+
+def test_a_release_sent_with_its_socket_clears_the_policies_before_it_closes():
+    r = run_scenario("quiet_release")
+    assert r["policies_while_latched"] == 6
+    # Not waited for: the broker was held up meanwhile.
+    assert max(r["released"]) < 0.5, r["released"]
+    # Closed by the client, still in the kernel (the peer never closed), policies gone.
+    assert len(r["ss"].strip().splitlines()) == 3, r
+    assert r["after"]["policies"] == 0 and r["after"]["latches"] == 0, r
+    # (The client's session itself may outlive close() while its reader thread reads.)
+    assert all(r["final"][k] == r["before"][k] for k in ("latches", "owned", "policies")), r
     assert r["errors"] == []
 
 

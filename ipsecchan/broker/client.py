@@ -70,6 +70,26 @@ class RemoteHandle:
         return self.latch.state
 
 
+def _current(sock) -> tuple[socket.socket | None, bool]:
+    """(the latched socket as a socket object, whether that is a temporary copy to close), or
+    (None, False) when it is closed."""
+    if isinstance(sock, socket.socket):
+        return (sock, False) if sock.fileno() >= 0 else (None, False)
+    current = getattr(sock, "current", None)        # ipsecchan.runtime.LatchedFd
+    return current() if current is not None else (None, False)
+
+
+def _lingers(sock: socket.socket) -> bool:
+    """Whether closing the TCP socket waits for its unsent data (SO_LINGER)."""
+    if sock.type & 0xF != socket.SOCK_STREAM:
+        return False
+    try:
+        return struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   8))[0] != 0
+    except OSError:
+        return True         # cannot tell: as if it did (the release is waited for)
+
+
 def _request(req: Requirements) -> dict:
     return {"policy": req.policy.value, "peer_id": req.peer_id}
 
@@ -79,9 +99,14 @@ class BrokerClient:
         self.path = path
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        # Request ids someone waits for, each with a lock held until its reply is in
+        # _replies (or the session ends). Both dicts are used without self._lock (a single
+        # dict operation is atomic): in CPython every acquisition of a lock, even a free
+        # one, reads the clock, a system call under user-mode-linux. Locks that did their
+        # job come back to _spare, still held: ready for the next request.
         self._replies: dict[int, dict] = {}
-        self._waiting: set[int] = set()         # request ids someone waits for
-        self._cond = threading.Condition(self._lock)
+        self._waiting: dict[int, threading.Lock] = {}
+        self._spare: list[threading.Lock] = []
         self._handles: dict[int, RemoteHandle] = {}          # by the broker's latch id
         self._all: "weakref.WeakSet[RemoteHandle]" = weakref.WeakSet()
         self._conn: socket.socket | None = None
@@ -105,29 +130,40 @@ class BrokerClient:
     def _call(self, msg: dict, fd: int | None = None, wait: bool = True) -> dict | None:
         rid = next(self._ids)
         msg["id"] = rid
-        with self._cond:
-            conn = self._conn
-            if conn is None:
-                raise BrokerUnavailable(errno.ECONNREFUSED, "the ipsecchan broker is gone")
-            if wait:
-                self._waiting.add(rid)
+        conn = self._conn
+        if conn is None:
+            raise BrokerUnavailable(errno.ECONNREFUSED, "the ipsecchan broker is gone")
+        done = None
+        if wait:
             try:
-                protocol.send(conn, msg, fd)
-                if not wait:
-                    return None
-                end = time.monotonic() + REQUEST_TIMEOUT
-                while rid not in self._replies:
-                    if self._conn is not conn:
-                        raise BrokerUnavailable(errno.ECONNRESET,
-                                                "the ipsecchan broker went away")
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise BrokerUnavailable(errno.ETIMEDOUT, "the ipsecchan broker is not "
-                                                                 "answering")
-                    self._cond.wait(left)
-                return self._replies.pop(rid)
-            finally:
-                self._waiting.discard(rid)
+                done = self._spare.pop()
+            except IndexError:
+                done = threading.Lock()
+                done.acquire()
+            self._waiting[rid] = done
+            if self._conn is not conn:
+                # Lost meanwhile: _lost() may have woken the waiters before this one was in.
+                self._waiting.pop(rid, None)
+                raise BrokerUnavailable(errno.ECONNRESET, "the ipsecchan broker went away")
+        try:
+            protocol.send(conn, msg, fd)
+            if not wait:
+                return None
+            if not done.acquire(timeout=REQUEST_TIMEOUT):
+                if self._waiting.pop(rid, None) is not None:
+                    done = None
+                    raise BrokerUnavailable(errno.ETIMEDOUT, "the ipsecchan broker is not "
+                                                             "answering")
+                done.acquire()      # answered just now: released at once
+            reply = self._replies.pop(rid, None)
+            if reply is None:
+                raise BrokerUnavailable(errno.ECONNRESET, "the ipsecchan broker went away")
+            self._spare.append(done)
+            return reply
+        finally:
+            if wait:
+                self._waiting.pop(rid, None)
+                self._replies.pop(rid, None)
 
     def _latch_request(self, handle: RemoteHandle, fd: int, extra: dict) -> RemoteHandle:
         reply = self._call({"op": handle.op, "fd": fd, **extra}, fd)
@@ -180,12 +216,28 @@ class BrokerClient:
         old = handle.latch.state
         handle.latch.state = LatchState.CLOSED
         if handle.remote_id is not None:
-            # Waited for, so that the policies are gone before the socket closes (a closing
-            # TCP socket lives on, with them); but not on the reader's own thread (a socket
-            # collected there), which must not wait for itself.
+            msg = {"op": "release", "latch": handle.remote_id}
             on_reader = threading.current_thread() is self._thread
             try:
-                self._call({"op": "release", "latch": handle.remote_id}, wait=not on_reader)
+                sock, tmp = _current(handle.sock)
+                try:
+                    if sock is not None and not _lingers(sock):
+                        # The policies must be gone before the socket's last descriptor
+                        # closes (a closing TCP socket lives on, with them). The socket goes
+                        # with the request: the copy in flight, then the broker's, keeps it
+                        # open until the broker has cleared them, and only then is let go.
+                        # So this process may close its own at once: nothing to wait for.
+                        msg["quiet"] = True
+                        self._call(msg, sock.fileno(), wait=False)
+                    else:
+                        # Closed already, or its close must linger here (SO_LINGER): waited
+                        # for, so that the policies are gone before it closes; but not on
+                        # the reader's own thread (a socket collected there), which must not
+                        # wait for itself.
+                        self._call(msg, wait=not on_reader)
+                finally:
+                    if tmp:
+                        sock.close()
             except (BrokerUnavailable, OSError):
                 pass        # the broker released it when this client's session ended
         if old is not LatchState.CLOSED and handle.on_alert is not None:
@@ -193,11 +245,19 @@ class BrokerClient:
 
     def close(self) -> None:
         self._closed = True
-        with self._cond:
+        with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            self._cond.notify_all()
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Every waiting request ends without a reply (called once self._conn is None)."""
+        waiting = self._waiting
+        for rid in list(waiting):
+            done = waiting.pop(rid, None)       # (or popped by the reader: released there)
+            if done is not None:
+                done.release()
 
     # -- the reader --
     def _run(self) -> None:
@@ -221,10 +281,11 @@ class BrokerClient:
             if "event" in msg:
                 self._event(msg)
             else:
-                with self._cond:
-                    if msg.get("id") in self._waiting:
-                        self._replies[msg.get("id")] = msg
-                        self._cond.notify_all()
+                rid = msg.get("id")
+                done = self._waiting.pop(rid, None) if type(rid) is int else None
+                if done is not None:
+                    self._replies[rid] = msg        # (before the waiter wakes)
+                    done.release()
 
     def _event(self, msg: dict) -> None:
         d = msg["latch"]
@@ -242,13 +303,13 @@ class BrokerClient:
 
     def _lost(self) -> None:
         """The broker is gone: nothing it said can be relied on any more (fail closed)."""
-        with self._cond:
+        with self._lock:
             if self._conn is not None:
                 self._conn.close()
             self._conn = None
             self._handles.clear()
             handles = list(self._all)
-            self._cond.notify_all()
+            self._wake_all()
         log.warning("the ipsecchan broker went away: %d latches not verified", len(handles))
         for h in handles:
             self._set(h, LatchState.BROKEN, Cause.NOT_VERIFIED, "the broker went away")

@@ -11,12 +11,20 @@ socket's descriptor number in the client, through which the broker reaches it la
      "expect": PARAMS|null}                                                                  + fd
     {"op": "listen", "id": n, "fd": d, "policy": ..., "peer_id": ...}                        + fd
     {"op": "accept", "id": n, "fd": d, "listener": L}                                         + fd
-    {"op": "release", "id": n, "latch": L}
+    {"op": "release", "id": n, "latch": L, "quiet": bool}                       [+ fd]
+                                      with the latch's socket passed along, the broker's
+                                      copy keeps the socket open until its policies are
+                                      cleared: its owner may close it without waiting.
+                                      "quiet": no reply when it succeeds
     {"op": "abort", "id": n}  + fd    clear the block of a socket whose latch was refused,
                                       before its owner resets it (the reset must get out)
     {"op": "list", "id": n, "after": L|null}    root and the broker's operator group only
     {"op": "follow", "id": n}   the same: from then on every latch's alerts, for `ipsecchan
                                 watch` (status ALERT format, with "event": "alert")
+    {"op": "lookup", "id": n, "flows": [[family, proto, local, local_port, remote,
+     remote_port, mark, ifindex]...], "ike": bool}    the same (at most 64 flows): what the
+                                broker's kernel view (and, "ike", its IKE daemon) says of
+                                each flow, for `ipsecchan ss` without CAP_NET_ADMIN
 
 Broker -> client:
 
@@ -25,6 +33,8 @@ Broker -> client:
                                      services' LATCH format (ipsecchan.latch.status) with
                                      "owner": {"pid", "uid"}
                                      list: as many as fit in a message; "next" to ask for more
+    {"id": n, "ok": true, "ipsec": [...]}   lookup: one object per flow, as many as fit in a
+                                     message, each in `ipsecchan ss --json`'s "ipsec" format
     {"id": n, "ok": false, "error": "...", "errno": e|null, "cause": c|null}
     {"event": "alert", "latch": LATCH, "old": s, "new": s, "cause": c|null, "detail": "...",
      "rekeyed": bool}                pushed to the client that owns the latch, and only to it
@@ -40,7 +50,8 @@ LATCH: {"id", "role": connector|listener|accepted, "state", "cause", "detail", "
 PARAMS: {"protected", "local": PARTY|null, "peer": PARTY|null, "protection": [PROT...],
 "reqids": [...], "out_sas": [SAF...], "in_sas": [SAF...]}, PARTY {"id", "pubkey_sha256",
 "auth"}, PROT: the fields of latch.protection.Protection, SAF {"key": [family, dst, proto,
-spi], "reqid", "protection": PROT, "src"}.
+spi], "reqid", "protection": PROT, "src", "local": PARTY|null, "peer": PARTY|null}, an SA's
+"local" and "peer" only when they are not the latch's (absent: the same).
 """
 from __future__ import annotations
 
@@ -49,7 +60,7 @@ import json
 import os
 import select
 import socket
-from dataclasses import asdict
+from dataclasses import fields
 
 from ipsecchan.latch.machine import LatchParams, Party, SAFacts
 from ipsecchan.latch.protection import Protection
@@ -136,17 +147,38 @@ def _party(p: Party | None) -> dict | None:
     return None if p is None else {"id": p.id, "pubkey_sha256": p.pubkey_sha256, "auth": p.auth}
 
 
-def _saf(s: SAFacts) -> dict:
-    return {"key": list(s.key), "reqid": s.reqid, "protection": asdict(s.protection),
-            "src": s.src, "local": _party(s.local), "peer": _party(s.peer)}
+_PROT_FIELDS = tuple(f.name for f in fields(Protection))
+_PROTS: dict = {}       # Protection -> its JSON object (shared: only ever encoded)
+
+
+def _prot(p: Protection) -> dict:
+    # dataclasses.asdict deep-copies every field: a good part of a latch's reply time.
+    d = _PROTS.get(p)
+    if d is None:
+        if len(_PROTS) >= 256:
+            _PROTS.clear()
+        d = _PROTS[p] = {name: getattr(p, name) for name in _PROT_FIELDS}
+    return d
+
+
+def _saf(s: SAFacts, local: Party | None, peer: Party | None) -> dict:
+    # An SA's parties are the latch's as a rule: only those that differ are spelled out.
+    d = {"key": list(s.key), "reqid": s.reqid, "protection": _prot(s.protection),
+         "src": s.src}
+    if s.local is not local and s.local != local:
+        d["local"] = _party(s.local)
+    if s.peer is not peer and s.peer != peer:
+        d["peer"] = _party(s.peer)
+    return d
 
 
 def params_json(p: LatchParams | None) -> dict | None:
     if p is None:
         return None
     return {"protected": p.protected, "local": _party(p.local), "peer": _party(p.peer),
-            "protection": [asdict(x) for x in p.protection], "reqids": list(p.reqids),
-            "out_sas": [_saf(s) for s in p.out_sas], "in_sas": [_saf(s) for s in p.in_sas]}
+            "protection": [_prot(x) for x in p.protection], "reqids": list(p.reqids),
+            "out_sas": [_saf(s, p.local, p.peer) for s in p.out_sas],
+            "in_sas": [_saf(s, p.local, p.peer) for s in p.in_sas]}
 
 
 def flow_json(f: Flow | None) -> dict | None:
@@ -180,13 +212,25 @@ def params_of(d: dict | None) -> LatchParams | None:
     if d is None:
         return None
 
+    local, peer = _party_of(d["local"]), _party_of(d["peer"])
+    prots: dict = {}
+
+    def prot(x):
+        # The latch's protections and its SAs' are mostly one: made once (hashable fields).
+        key = tuple(x.items())
+        p = prots.get(key)
+        if p is None:
+            p = prots[key] = _prot_of(x)
+        return p
+
     def saf(x):
         k = x["key"]
         return SAFacts((int(k[0]), str(k[1]), str(k[2]), int(k[3])), int(x["reqid"]),
-                       _prot_of(x["protection"]), _party_of(x.get("local")),
-                       _party_of(x.get("peer")), str(x.get("src", "")))
-    return LatchParams(bool(d["protected"]), _party_of(d["local"]), _party_of(d["peer"]),
-                       tuple(_prot_of(x) for x in d["protection"]),
+                       prot(x["protection"]),
+                       _party_of(x["local"]) if "local" in x else local,
+                       _party_of(x["peer"]) if "peer" in x else peer, str(x.get("src", "")))
+    return LatchParams(bool(d["protected"]), local, peer,
+                       tuple(prot(x) for x in d["protection"]),
                        tuple(int(r) for r in d["reqids"]),
                        tuple(saf(x) for x in d["out_sas"]), tuple(saf(x) for x in d["in_sas"]))
 

@@ -74,6 +74,8 @@ MAX_QUEUED = 256               # messages queued for a client that does not read
 MAX_BATCH = 16                 # requests read from one client per turn: others get theirs
 FD_RESERVE = 64                # descriptors kept free for the broker's own work
 CLOSERS = 64                   # at most this many threads closing clients' descriptors
+LAZY_DELAY, LAZY_MAX = 0.2, 32  # descriptors the client holds too: closed within (s), or by
+STALLED = 0.1                  # a closer thread that long without progress is stuck (s)
 ACCEPT_PAUSE = 1.0             # out of descriptors: stop accepting for this long
 LATCH_WORKERS = 8              # latches made at once (one may wait seconds for its identities)
 _SYS_PIDFD_GETFD = 438         # the same number on every architecture (since Linux 5.6)
@@ -107,62 +109,112 @@ class _Closer:
     Closing the last reference to a file can block: a TCP socket with SO_LINGER waits up to
     its linger time for unsent data, a FUSE file for its flush. A client can make the broker's
     copy the last one (by closing its own at the right moment), so the loop never closes one
-    itself. A thread stuck on one leaves the others; idle threads are reused."""
+    itself. A thread stuck on one leaves the others; idle threads are reused.
+
+    close() only collects; flush() hands the collected ones over at the end of a turn of the
+    loop, waking one thread: a helper woken in the middle of a request would take the GIL
+    from the loop at each of its system calls (costly on one CPU, as under UML). A lazy one
+    (the client holds the socket too, as far as the broker knows) may wait for the next
+    flush, up to LAZY_DELAY or LAZY_MAX of them, so that most flushes wake nobody."""
 
     def __init__(self, threads: int = CLOSERS):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()     # wake-ups for idle threads
         self._lock = threading.Lock()
-        self._max, self._threads, self._idle = threads, 0, 0
-        self.pending = 0          # handed over, not yet closed (they count against the limit)
+        self._max, self._threads, self._idle, self._draining = threads, 0, 0, 0
+        self._later: list[int] = []             # collected, not handed over yet
+        self._due = False                       # one of them is not lazy
+        self._since: float | None = None        # lazy ones waiting since (the loop's clock)
+        self._todo: collections.deque = collections.deque()     # handed over
+        self._closed = self._seen = 0           # closes done; as of the last flush
+        self._moved = 0.0                       # when work was handed over or got done
+        self.pending = 0          # not closed yet (they count against the limit)
 
-    def close(self, fd: int) -> None:
+    def close(self, fd: int, lazy: bool = False) -> None:
         with self._lock:
             self.pending += 1
-            start = False
+            self._later.append(fd)
+            if not lazy:
+                self._due = True
+
+    def flush(self, now: float, force: bool = False) -> None:
+        if not self._later and not self._todo:
+            return
+        start = wake = False
+        with self._lock:
+            if self._closed != self._seen:
+                self._seen, self._moved = self._closed, now
+            # Nothing closed for a while though some wait: a thread is stuck on one (a
+            # lingering socket); another one takes the rest.
+            stalled = bool(self._todo) and now - self._moved >= STALLED
+            if self._later:
+                if self._since is None:
+                    self._since = now
+                if self._due or force or len(self._later) >= LAZY_MAX or \
+                        now - self._since >= LAZY_DELAY:
+                    self._todo.extend(self._later)
+                    self._later, self._due, self._since = [], False, None
+            if not self._todo or (self._draining and not stalled):
+                return                          # (a thread at work takes them too)
+            self._moved = now
             if self._idle:
                 self._idle -= 1
+                self._draining += 1
+                wake = True
             elif self._threads < self._max:
                 self._threads += 1
+                self._draining += 1
                 start = True
-        self._q.put(fd)
+            # else every thread is busy: the first one free takes them
+        if wake:
+            self._q.put(None)
         if start:
             threading.Thread(target=self._run, name="ipsecchan-closer", daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            fd = self._q.get()
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            with self._lock:
-                self.pending -= 1
-                self._idle += 1
+            while True:
+                with self._lock:
+                    if not self._todo:
+                        self._draining -= 1
+                        self._idle += 1
+                        break
+                    fd = self._todo.popleft()
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                with self._lock:
+                    self.pending -= 1
+                    self._closed += 1
+            self._q.get()
 
 
 _closer = _Closer()
 
 
-def _dispose(obj) -> None:
-    """Let go of a client's descriptor (a number, or a socket object made over one)."""
+def _dispose(obj, lazy: bool = False) -> None:
+    """Let go of a client's descriptor (a number, or a socket object made over one). `lazy`:
+    the client holds it too, as far as the broker knows (see _Closer)."""
     fd = obj.detach() if isinstance(obj, socket.socket) else obj
     if fd >= 0:
-        _closer.close(fd)
+        _closer.close(fd, lazy)
 
 
-def _as_socket(fd: int) -> socket.socket:
+def _as_socket(fd: int, family: int = -1, type: int = -1, proto: int = -1) -> socket.socket:
     """A socket object over `fd`, or OSError (ENOTSOCK for another kind of file).
 
-    The socket layer is asked first (getsockopt): fstat() of an arbitrary file can block
-    (FUSE), of a socket it cannot. Nothing here may change the file's flags (no timeouts):
-    the client shares it."""
-    return socket.socket(fileno=fd)
+    The socket layer is asked first (getsockname, and SO_TYPE and SO_PROTOCOL for what the
+    caller does not give): fstat() of an arbitrary file can block (FUSE), of a socket it
+    cannot. Nothing here may change the file's flags (no timeouts): the client shares it."""
+    return socket.socket(family, type, proto, fd)
 
 
-def _same_socket(fd: int, ino: int) -> socket.socket | None:
-    """`fd` as a socket if it is still the socket with inode `ino`; else None (fd let go)."""
+def _same_socket(fd: int, ino: int, family: int = -1, type: int = -1,
+                 proto: int = -1) -> socket.socket | None:
+    """`fd` as a socket if it is still the socket with inode `ino`; else None (fd let go).
+    `family`, `type`, `proto`: that socket's, when known (its inode is checked anyway)."""
     try:
-        sock = _as_socket(fd)
+        sock = _as_socket(fd, family, type, proto)
     except OSError:
         _dispose(fd)
         return None
@@ -190,7 +242,7 @@ class ClientSocket:
 
     def __init__(self, sock: socket.socket, pidfd: int | None, client_fd: int, ino: int):
         self.sock: socket.socket | None = sock
-        self.family, self.type = sock.family, sock.type
+        self.family, self.type, self.proto = sock.family, sock.type, sock.proto
         self.pidfd, self.client_fd, self.ino = pidfd, client_fd, ino
 
     @property
@@ -201,7 +253,7 @@ class ClientSocket:
     def let_go(self) -> None:
         """The request is done: keep nothing of the client's socket open here."""
         if self.pidfd is not None and self.sock is not None:
-            _dispose(self.sock)
+            _dispose(self.sock, lazy=True)      # the client has it at client_fd (checked)
             self.sock = None
 
     def _target(self) -> tuple[socket.socket | None, bool]:
@@ -218,7 +270,7 @@ class ClientSocket:
             if exc.errno in (errno.ESRCH, errno.EBADF):
                 return None, False      # the process or the descriptor is gone
             raise
-        sock = _same_socket(fd, self.ino)
+        sock = _same_socket(fd, self.ino, self.family, self.type, self.proto)
         return (sock, True) if sock is not None else (None, False)
 
     @property
@@ -331,8 +383,7 @@ def _check_socket(fd: int, want: str) -> tuple[socket.socket, int]:
         ino = os.fstat(sock.fileno()).st_ino
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             raise RequestError("only IPv4 and IPv6 sockets latch", errno.EAFNOSUPPORT)
-        proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-        kind = (sock.type & 0xF, proto)
+        kind = (sock.type & 0xF, sock.proto)       # (read with SO_TYPE and SO_PROTOCOL)
         if kind not in ((socket.SOCK_STREAM, socket.IPPROTO_TCP),
                         (socket.SOCK_DGRAM, socket.IPPROTO_UDP)):
             raise RequestError("only TCP and UDP sockets latch", errno.ESOCKTNOSUPPORT)
@@ -504,6 +555,7 @@ class Broker:
             LATCH_WORKERS, thread_name_prefix="ipsecchan-latch")
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._next_sweep = 0.0
+        self._fd_max = _fd_limit()          # read again with each sweep
         self._accept_paused = 0.0
         self.latcher.observers.append(self._on_alert)
 
@@ -533,14 +585,19 @@ class Broker:
 
     # -- the loop --
     def serve_forever(self) -> None:
+        now = time.monotonic()      # read once a turn (a system call under UML)
         while not self._stop.is_set():
-            if self._accept_paused and time.monotonic() >= self._accept_paused:
+            if self._accept_paused and now >= self._accept_paused:
                 self._accept_paused = 0.0
                 self.sel.register(self.listener, selectors.EVENT_READ, "listener")
+            _closer.flush(now)
+            xfrm = False
             for key, mask in self.sel.select(0.2):
                 what = key.data
                 try:
-                    if what == "listener":
+                    if what == "xfrm":
+                        xfrm = True
+                    elif what == "listener":
                         self._accept()
                     elif what == "wake":
                         try:
@@ -560,13 +617,19 @@ class Broker:
                     if isinstance(what, Client):
                         self._drop(what, "internal error")
             self._finish_latches()          # (the wake byte is a hint; this is the check)
-            # XFRM and IKE events (the IKE source queues them from its own thread).
-            try:
-                self.latcher.poll(0)
-            except Exception:
-                log.exception("event handling failed")
-            if time.monotonic() >= self._next_sweep:
-                self._next_sweep = time.monotonic() + SWEEP_EVERY
+            # XFRM and IKE events (the IKE source queues them from its own thread). Not
+            # looked for in a turn with none: the poll takes the Latcher's lock and reads
+            # netlink, system calls each under UML (and at least every SWEEP_EVERY anyway).
+            now = time.monotonic()
+            sweep = now >= self._next_sweep
+            if xfrm or sweep or self.latcher.has_work():
+                try:
+                    self.latcher.poll(0)
+                except Exception:
+                    log.exception("event handling failed")
+            if sweep:
+                self._next_sweep = now + SWEEP_EVERY
+                self._fd_max = _fd_limit()
                 try:
                     self._sweep()
                 except Exception:
@@ -584,6 +647,7 @@ class Broker:
         self._finish_latches()
         for client in list(self.clients):
             self._drop(client, "broker stopping")
+        _closer.flush(time.monotonic(), force=True)
         self.sel.close()
         self._close_listener()
         os.close(self._wake_r)
@@ -604,7 +668,7 @@ class Broker:
         counted (each client's connection and pidfd, kept sockets, closes in progress), so
         that no event ever finds it out of descriptors."""
         used = 2 * len(self.clients) + self.held + _closer.pending + FD_RESERVE
-        return used + more <= _fd_limit()
+        return used + more <= self._fd_max
 
     def _accept(self) -> None:
         while True:
@@ -661,6 +725,8 @@ class Broker:
             if reply is None:               # a latch being made: answered when it is done
                 self._rest(client)
                 return
+            if reply["ok"] and msg.get("quiet") is True and msg.get("op") == "release":
+                continue                    # the client does not wait for it
             self._reply(client, reply)
 
     # -- requests --
@@ -692,7 +758,7 @@ class Broker:
         if op not in _OPS:
             raise RequestError(f"unknown op {_short(op)}", errno.EINVAL)
         takes_fd = op in ("latch", "listen", "accept", "abort")
-        if takes_fd != bool(fds):
+        if takes_fd != bool(fds) and op != "release":
             raise RequestError(f"{op!r} takes {'one socket' if takes_fd else 'no socket'}",
                                errno.EINVAL)
         if op == "release":
@@ -700,7 +766,8 @@ class Broker:
             handle = client.latches.get(lid)
             if handle is None:
                 raise RequestError("no such latch", errno.ENOENT)
-            self._release(client, handle)
+            passed = self._latched_socket(handle, fds.pop()) if fds else None
+            self._release(client, handle, passed=passed)
             return {"ok": True}
         if op == "list":
             return self._list(client, msg)
@@ -792,7 +859,7 @@ class Broker:
 
     def _finish_latches(self) -> None:
         """Latches made by the workers: recorded and answered (in the loop's thread)."""
-        while True:
+        while not self._done.empty():       # (lock-free, unlike get_nowait())
             try:
                 client, rid, op, ref, ino, result = self._done.get_nowait()
             except queue.Empty:
@@ -864,10 +931,12 @@ class Broker:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise RequestError("the broker is out of descriptors", errno.EMFILE) from None
             raise RequestError("'fd' does not name the passed socket", errno.EBADF) from None
-        same = _same_socket(fd, ref.ino)
+        same = _same_socket(fd, ref.ino, ref.family, ref.type, ref.proto)
         if same is None:
             raise RequestError("'fd' does not name the passed socket", errno.EBADF)
-        _dispose(same)
+        # Closed here at once: the received descriptor of the same socket is still held
+        # (ref.sock), so this close cannot be the socket's last one, and cannot block.
+        os.close(same.detach())
 
     def _claim(self, ino: int, busy: str = "this socket is latched already") -> None:
         """One latch per socket: a second (by this client or another) would replace the
@@ -994,9 +1063,24 @@ class Broker:
             raise RequestError("the answer for one flow does not fit in a message", errno.E2BIG)
         return {"ok": True, "ipsec": out}
 
-    def _release(self, client: Client, handle, *, block: bool = False) -> None:
+    @staticmethod
+    def _latched_socket(handle, fd: int) -> socket.socket:
+        """The socket passed with a release, if it is the latch's (else RequestError; `fd` is
+        let go either way by the caller's cleanup or here)."""
+        ref = handle.sock
+        if not isinstance(ref, ClientSocket):
+            _dispose(fd)
+            raise RequestError("the latch has no socket", errno.EINVAL)
+        sock = _same_socket(fd, ref.ino, ref.family, ref.type, ref.proto)
+        if sock is None:
+            raise RequestError("the socket passed is not the latch's", errno.EINVAL)
+        return sock
+
+    def _release(self, client: Client, handle, *, block: bool = False,
+                 passed: socket.socket | None = None) -> None:
         """Close the latch. `block`: its client is gone; a socket that lives on is blocked
-        both ways (nobody verifies it any more), else its policies are cleared."""
+        both ways (nobody verifies it any more), else its policies are cleared. `passed`: the
+        latch's socket, received with the release (used, then let go)."""
         if client.latches.pop(handle.id, None) is not None:
             self.per_uid[client.uid] -= 1
             if not self.per_uid[client.uid]:
@@ -1005,6 +1089,12 @@ class Broker:
         ref = handle.sock
         if self.by_ino.get(ref.ino) is handle:
             del self.by_ino[ref.ino]
+        held = ref.held
+        if passed is not None:
+            if held:
+                _dispose(passed)        # a descriptor of it is kept here already
+            else:
+                ref.sock = passed       # the policies are cleared through it, then let go
         try:
             if block and not ref.gone:
                 apply(ref, Block(Cause.NOT_VERIFIED))
@@ -1012,7 +1102,7 @@ class Broker:
             self.latcher.release(handle)
         except OSError as exc:
             log.warning("releasing latch %d of %s: %s", handle.id, client.label(), exc)
-        self.held -= ref.held
+        self.held -= held
         ref.close()
 
     # -- events --
@@ -1155,6 +1245,8 @@ def _gid(name: str) -> int:
 def run(opts: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The format names no process: no getpid() for every record (a system call).
+    logging.logProcesses = False
     # One descriptor per client (and its pidfd): take all the room the system allows.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:

@@ -56,14 +56,22 @@ class ChainSource:
             out += src.snapshot()           # SourceUnavailable propagates
         return out
 
+    def has_events(self) -> bool:
+        """Whether a source may have events queued (one that cannot say: as if it had)."""
+        for src in self.sources:
+            has = getattr(src, "has_events", None)
+            if has is None or has():
+                return True
+        return False
+
     def next_event(self, timeout: float | None = None) -> Event | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if not timeout else time.monotonic() + timeout
         while True:
             for src in self.sources:
                 ev = src.next_event(0)
                 if ev is not None:
                     return ev
-            if deadline is not None and time.monotonic() >= deadline:
+            if timeout == 0 or (deadline is not None and time.monotonic() >= deadline):
                 return None
             time.sleep(0.02)
 

@@ -122,5 +122,8 @@ class StaticSource:
     def next_event(self, timeout: float | None = None):
         return None
 
+    def has_events(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass

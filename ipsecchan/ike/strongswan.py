@@ -403,10 +403,17 @@ class StrongSwanSource:
                                f"({key[0]} spi {key[2]:#010x} dst {key[1]})")
 
     def next_event(self, timeout: float | None = None) -> Event | None:
+        if timeout == 0 and not self.has_events():
+            return None
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def has_events(self) -> bool:
+        """Whether events are queued (without the queue's lock: in CPython each acquisition
+        of a lock reads the clock, a system call under user-mode-linux)."""
+        return bool(self._events.queue)
 
     @property
     def connected(self) -> bool:

@@ -462,6 +462,16 @@ class Latcher:
                 self._sa_facts.pop(ev.sa_key, None)
 
     # -- following events --
+    def has_work(self) -> bool:
+        """Whether poll() has anything to do but XFRM notifications not read yet (whoever
+        asks watches view.monitor for those): notifications read meanwhile, latches waiting
+        for their identities, IKE events. Read without the lock (a hint: a caller asks again
+        at its next turn)."""
+        if self._backlog or self._pending:
+            return True
+        has = getattr(self.identities, "has_events", None)
+        return has is None or has()
+
     def poll(self, timeout: float = 0.0) -> list[tuple[LatchHandle, Alert]]:
         """Apply pending XFRM and IKE events to the latches they reach."""
         if timeout and not self._backlog:
