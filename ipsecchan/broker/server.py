@@ -8,11 +8,16 @@ listening TCP socket: read from the descriptor itself, never from the client's w
 it, answers with the latch, and pushes that latch's alerts to that client only.
 
 The broker keeps no descriptor of a client's socket once a request is done: a descriptor held
-here would keep the connection open after the application closed it. It reaches the socket
-again, when an event needs its policies changed, through the client process (pidfd_getfd on
-the descriptor number the client gave, checked against the socket's inode): a closed socket,
-or a number reused for another, is never touched. pidfd_getfd needs ptrace-level access to
-the client (CAP_SYS_PTRACE); without it the received descriptor is kept until the latch ends.
+here would keep the connection open after the application closed it. (The received copy is
+closed by helper threads in batches, within about half a second of the request: LAZY_DELAY
+and a turn of the loop. A connection its application closes at once may send its FIN that
+much later.) It reaches the socket again, when an event needs its policies changed, through
+the client process (pidfd_getfd on the descriptor number the client gave, checked against the
+socket's inode): a closed socket, or a number reused for another, is never touched.
+pidfd_getfd needs ptrace-level access to the client (CAP_SYS_PTRACE); without it the received
+descriptor is kept until the latch ends. A release may come with the latch's socket: the
+broker clears the policies through that copy, then lets it go, so the application may close
+its own at once (the socket lives until the policies are gone) and need not wait for a reply.
 
 A client that goes away takes its latches with it. Sockets already closed need nothing; one
 that lives on (handed to another process, or the client's session dropped) is blocked both
