@@ -29,10 +29,11 @@ pause every 20 rounds (a precaution: the guest can freeze after bursts of XFRM c
            end times its own release(), and closes.
   floor    timed on the bare rounds' sockets after the timed window, on both ends. inproc:
            the system calls a latch cannot avoid (getsockname, getpeername, IP_XFRM_POLICY
-           OUT and IN, clearing them). broker: two request/reply round trips with the
-           broker, one standing for the latch and one for the release (a release of an
-           unknown latch, on a connection of its own: the broker does nothing else); the
-           in-process floor, which the broker pays as well, comes on top.
+           OUT and IN, clearing them). broker: one request/reply round trip with the
+           broker, standing for the latch (a release of an unknown latch, on a connection
+           of its own: the broker does nothing else; the client sends its releases without
+           waiting for a reply); the in-process floor, which the broker pays as well, comes
+           on top.
 
 Reported per mode: median and p90 of each; ratio_latched_to_bare, the target's figure, is
 (latched + both releases) / bare, also given without the releases; floor/bare; what remains
@@ -122,7 +123,6 @@ class Floor:
     def __call__(self, s: socket.socket) -> float:
         t = time.perf_counter()
         if self.mode == "broker":
-            self._round_trip()
             self._round_trip()
         else:
             s.getsockname()
