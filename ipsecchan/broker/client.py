@@ -286,6 +286,11 @@ class BrokerClient:
                 if done is not None:
                     self._replies[rid] = msg        # (before the waiter wakes)
                     done.release()
+                elif msg.get("ok") is False:
+                    # A request nobody waits for failed (a release sent with its socket): the
+                    # broker's sweep drops that latch once the socket is closed.
+                    log.warning("the ipsecchan broker refused request %s: %s", rid,
+                                msg.get("error"))
 
     def _event(self, msg: dict) -> None:
         d = msg["latch"]
