@@ -35,9 +35,12 @@ library's socket module hand out these sockets, for code that cannot change its 
 from __future__ import annotations
 
 import errno as _errno
+import fcntl as _fcntl
 import ipaddress as _ipaddress
 import logging as _logging
 import os as _os
+import struct as _struct
+import termios as _termios
 import weakref as _weakref
 import socket as _std
 import _socket as _csocket
@@ -184,6 +187,11 @@ class _Ipsec:
         self.lazy = False           # a non-blocking connect in progress: latch on first use
         self.binding: bytes | None | bool = False      # False: not computed yet
         self.refused = False        # latching refused: the kernel blocks the connection
+
+
+def _unsent(sock) -> int:
+    """Bytes in the socket's send queue, sent or not, not yet acknowledged (SIOCOUTQ)."""
+    return _struct.unpack("i", _fcntl.ioctl(sock.fileno(), _termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
 def _is_loopback(addr: str) -> bool:
@@ -338,13 +346,18 @@ class socket(_std.socket):
         _ss.close(self)
 
     def _abort(self) -> None:
-        # A refused connection is reset, not closed: a FIN would wait behind the block
+        # A refused TCP connection is reset, not closed: a FIN would wait behind the block
         # policy, retransmitted for minutes, and the peer with it. The block is lifted just
-        # before (the reset carries no application byte).
+        # before the reset, so that the peer hears it, only when nothing the application
+        # wrote is queued: a retransmission in between would carry those bytes out. Else
+        # the connection is reset behind the block (it is gone at once; the peer's next
+        # packet is answered with a reset). UDP: closing sends nothing; the block stays.
+        if self.type & 0xF != SOCK_STREAM:
+            return
         try:
-            if self.type & 0xF == SOCK_STREAM:
-                self.setsockopt(SOL_SOCKET, SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            _runtime.get().abort(self)
+            self.setsockopt(SOL_SOCKET, SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            if _unsent(self) == 0:
+                _runtime.get().abort(self)
         except OSError as exc:
             _log.warning("resetting a refused connection: %s", exc)
 

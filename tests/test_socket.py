@@ -215,3 +215,39 @@ def test_default_policy_from_the_environment():
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "IPSECCHAN_POLICY": "maybe"})
     assert bad.returncode != 0 and "IPSECCHAN_POLICY='maybe'" in bad.stderr
+
+
+def test_a_refused_connection_is_reset_without_lifting_its_block_over_queued_bytes(
+        monkeypatch):
+    # A refused connection's block is lifted for its reset only when nothing the application
+    # wrote is queued: a retransmission in between would carry it out. Real sockets here: a
+    # per-socket block policy holds the written bytes in the send queue.
+    from ipsecchan import runtime
+    from ipsecchan.xfrm import set_socket_policy
+    lifted = []
+
+    class Backend:
+        def abort(self, sock):
+            lifted.append(sock.fileno())
+
+    monkeypatch.setattr(runtime, "get", lambda: Backend())
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        quiet = socket.create_connection(srv.getsockname(), timeout=5)
+        busy = socket.create_connection(srv.getsockname(), timeout=5)
+        peers = [srv.accept()[0] for _ in range(2)]
+        for s in (quiet, busy):
+            set_socket_policy(s, "out", action="block")
+            set_socket_policy(s, "in", action="block")
+        std.socket.send(busy, b"X" * 1200)          # the application writes anyway
+        assert socket._unsent(busy) == 1200 and socket._unsent(quiet) == 0
+        fds = {quiet.fileno(): "quiet", busy.fileno(): "busy"}
+        for s in (quiet, busy):
+            s._ipsec.refused = True
+            s.close()
+        assert [fds[f] for f in lifted] == ["quiet"]
+        # Both are gone at once (reset, no FIN_WAIT); the peer of the busy one got nothing.
+        peers[1].settimeout(0.5)
+        with pytest.raises((TimeoutError, ConnectionResetError)):
+            assert peers[1].recv(10) == b""
+        for p in peers:
+            p.close()
