@@ -18,6 +18,8 @@ policy IPSEC_POLICY_BYPASS are left alone.
 A connection that cannot be latched (no IPsec under the default policy, an unverifiable
 peer, not the peer IPSEC_REQUIRE_PEER_ID names) fails in connect() with LatchRefused, before
 any application byte is sent; the connection is blocked in the kernel and should be closed.
+Closing resets it: nothing written after the refusal ever leaves (the reset itself goes out
+only when nothing is queued; otherwise the peer's next packet is answered with one).
 An accepted connection that cannot be latched is closed and never returned by accept().
 
 When a latch breaks (another peer behind the address, weaker protection, cleartext, the IKE
