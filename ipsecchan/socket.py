@@ -37,12 +37,9 @@ library's socket module hand out these sockets, for code that cannot change its 
 from __future__ import annotations
 
 import errno as _errno
-import fcntl as _fcntl
 import ipaddress as _ipaddress
 import logging as _logging
 import os as _os
-import struct as _struct
-import termios as _termios
 import weakref as _weakref
 import socket as _std
 import _socket as _csocket
@@ -54,6 +51,7 @@ from socket import (AF_INET, AF_INET6, IPPROTO_IPV6, IPV6_V6ONLY, SO_LINGER, SO_
 from ipsecchan import runtime as _runtime
 from ipsecchan import sockopt as _opt
 from ipsecchan.channel import CB_ENDPOINT, CHANNEL_BINDING_TYPES, endpoint_binding
+from ipsecchan.latch.enforce import unsent as _unsent
 from ipsecchan.latch.machine import LatchRefused, LatchState, Policy, Requirements
 from ipsecchan.sockopt import (IPSEC_CHANNEL_BINDING, IPSEC_LATCH_BROKEN, IPSEC_LATCH_CAUSE,
                                IPSEC_LATCH_CLOSED, IPSEC_LATCH_ESTABLISHED,
@@ -189,11 +187,6 @@ class _Ipsec:
         self.lazy = False           # a non-blocking connect in progress: latch on first use
         self.binding: bytes | None | bool = False      # False: not computed yet
         self.refused = False        # latching refused: the kernel blocks the connection
-
-
-def _unsent(sock) -> int:
-    """Bytes in the socket's send queue, sent or not, not yet acknowledged (SIOCOUTQ)."""
-    return _struct.unpack("i", _fcntl.ioctl(sock.fileno(), _termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
 def _is_loopback(addr: str) -> bool:

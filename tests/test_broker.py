@@ -509,6 +509,22 @@ def case_require_without_ipsec(bench, s):
     return r
 
 
+def case_abort_with_bytes_queued(bench, s):
+    """Refused, the application writes anyway (held by the block): the block stays, since a
+    retransmission would carry the bytes out once it is gone."""
+    c, peer = bench.tcp_pair()
+    try:
+        r = s.call({"op": "latch", "policy": "require"}, c)
+        assert r["errno"] == errno.ECONNREFUSED, r
+        c.send(b"X" * 1200)
+        r = s.call({"op": "abort"}, fds=[c.fileno()])
+        r["blocked"] = socket_policies()
+        return r
+    finally:
+        abort(c)                     # reset behind the block: gone at once, with its policies
+        peer.close()
+
+
 def case_abort_latched(bench, s):
     """A latched socket's policies cannot be cleared by whoever else holds it."""
     with udp() as u, bench.session() as owner:
@@ -580,6 +596,7 @@ EXPECT = {
     "fd-field-not-a-number": errno.EINVAL, "after-not-a-number": errno.EINVAL,
     "latched-twice": errno.EBUSY, "require-without-ipsec": errno.ECONNREFUSED,
     "abort-latched": errno.EBUSY, "abort-without-socket": errno.EINVAL,
+    "abort-with-bytes-queued": errno.EBUSY,
 }
 
 
@@ -629,6 +646,13 @@ def test_refused_for_want_of_ipsec_means_blocked(bad_input_results):
     assert sorted(reply["blocked"]) == ["socket in action block priority 0 ptype main",
                                         "socket out action block priority 0 ptype main"]
     assert reply["abort"]["ok"] is True and reply["after_abort"] == []
+
+
+def test_a_refused_connection_with_bytes_queued_stays_blocked(bad_input_results):
+    reply = bad_input_results["abort-with-bytes-queued"]["reply"]
+    assert reply["error"].startswith("bytes are queued")
+    assert sorted(reply["blocked"]) == ["socket in action block priority 0 ptype main",
+                                        "socket out action block priority 0 ptype main"]
 
 
 def test_a_latched_socket_cannot_be_set_free_by_abort(bad_input_results):

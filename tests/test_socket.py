@@ -223,6 +223,7 @@ def test_a_refused_connection_is_reset_without_lifting_its_block_over_queued_byt
     # wrote is queued: a retransmission in between would carry it out. Real sockets here: a
     # per-socket block policy holds the written bytes in the send queue.
     from ipsecchan import runtime
+    from ipsecchan.latch.enforce import unsent
     from ipsecchan.xfrm import set_socket_policy
     lifted = []
 
@@ -239,7 +240,7 @@ def test_a_refused_connection_is_reset_without_lifting_its_block_over_queued_byt
             set_socket_policy(s, "out", action="block")
             set_socket_policy(s, "in", action="block")
         std.socket.send(busy, b"X" * 1200)          # the application writes anyway
-        assert socket._unsent(busy) == 1200 and socket._unsent(quiet) == 0
+        assert unsent(busy) == 1200 and unsent(quiet) == 0
         fds = {quiet.fileno(): "quiet", busy.fileno(): "busy"}
         for s in (quiet, busy):
             s._ipsec.refused = True

@@ -17,7 +17,8 @@ socket's descriptor number in the client, through which the broker reaches it la
                                       cleared: its owner may close it without waiting.
                                       "quiet": no reply when it succeeds
     {"op": "abort", "id": n}  + fd    clear the block of a socket whose latch was refused,
-                                      before its owner resets it (the reset must get out)
+                                      before its owner resets it (the reset must get out);
+                                      EBUSY while bytes are queued on it
     {"op": "list", "id": n, "after": L|null}    root and the broker's operator group only
     {"op": "follow", "id": n}   the same: from then on every latch's alerts, for `ipsecchan
                                 watch` (status ALERT format, with "event": "alert")

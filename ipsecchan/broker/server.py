@@ -61,7 +61,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from ipsecchan.broker import protocol
-from ipsecchan.latch.enforce import apply
+from ipsecchan.latch.enforce import apply, unsent
 from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, Policy,
                                      Requirements, conflict)
 from ipsecchan.latch.engine import Latcher, LatchWouldWait
@@ -907,10 +907,14 @@ class Broker:
         """A connection whose latch was refused is about to be reset by its owner: clear the
         block so that the reset reaches the peer (who would otherwise wait on a half-dead
         connection). Not for a latched socket: whoever holds a socket could set it free of
-        its latch so."""
+        its latch so; not for one with bytes queued (they would follow the block out)."""
         sock, ino = _check_socket(fd, "any")
         try:
             self._claim(ino, "the socket is latched: release it")
+            if sock.type & 0xF == socket.SOCK_STREAM and unsent(sock):
+                # A retransmission after the block is gone would carry those bytes out.
+                raise RequestError("bytes are queued on the connection: reset it behind its "
+                                   "block", errno.EBUSY)
             clear_socket_policies(sock)
         except OSError as exc:
             raise RequestError(f"cannot clear its policies: {exc.strerror or exc}",

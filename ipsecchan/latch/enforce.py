@@ -8,7 +8,10 @@ is accepted, in clear or otherwise. Closing the latch removes both policies.
 """
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 
 from ipsecchan.latch.machine import Alert, Block, Effect, LatchParams, Pin, Release
 from ipsecchan.xfrm import clear_socket_policies, socket_policy_bytes
@@ -102,3 +105,9 @@ def apply_all(sock: socket.socket, effects, family: int | None = None) -> list[A
         else:
             apply(sock, e, family)
     return alerts
+
+
+def unsent(sock) -> int:
+    """Bytes in a TCP socket's send queue that its peer has not acknowledged (SIOCOUTQ):
+    what a retransmission could still carry out once a block is lifted."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
