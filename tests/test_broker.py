@@ -1048,9 +1048,63 @@ def test_a_release_sent_with_its_socket_clears_the_policies_before_it_closes():
     # Closed by the client, still in the kernel (the peer never closed), policies gone.
     assert len(r["ss"].strip().splitlines()) == 3, r
     assert r["after"]["policies"] == 0 and r["after"]["latches"] == 0, r
-    # (The client's session itself may outlive close() while its reader thread reads.)
-    assert all(r["final"][k] == r["before"][k] for k in ("latches", "owned", "policies")), r
+    assert all(r["final"][k] == r["before"][k] for k in ("latches", "owned", "policies",
+                                                          "clients")), r
     assert r["errors"] == []
+
+
+@scenario
+def client_close():
+    """BrokerClient.close() with latches live and its reader thread blocked reading: it
+    releases them, as Latcher.close() does (the sockets live on, unlatched), and ends the
+    session."""
+    from ipsecchan.broker.client import BrokerClient
+    from ipsecchan.latch.machine import Policy, Requirements
+    bench = Bench()
+    warnings: list[str] = []
+    collect = _Collect(warnings)
+    collect.setLevel(logging.WARNING)
+    logging.getLogger("ipsecchan").addHandler(collect)
+    try:
+        bench.serves()
+        before = bench.state()
+        client = BrokerClient(bench.path)
+        (c, p), u = bench.tcp_pair(), udp()
+        alerts = []
+        handles = [client.latch(s, Requirements(Policy.OPTIONAL),
+                                on_alert=lambda h, a: alerts.append(a.new.value))
+                   for s in (c, u)]
+        out = {"latched": bench.state(settle=1)}
+        time.sleep(0.2)                       # the reader is in recvmsg
+        client.close()
+        out["after"] = bench.wait_for({k: before[k] for k in ("clients", "latches",
+                                                               "policies")}, timeout=5)
+        out["before"], out["states"], out["alerts"] = before, [h.state.value for h in handles], \
+            alerts
+        client._thread.join(5)
+        out["reader_alive"] = client._thread.is_alive()
+        # Unlatched, not blocked: the connection still carries data.
+        c.sendall(b"after close")
+        p.settimeout(5)
+        out["received"] = p.recv(64).decode()
+        out["warnings"], out["errors"] = [w for w in warnings if "went away" in w], \
+            bench.errors
+        for s in (c, p, u):
+            s.close()
+        return out
+    finally:
+        bench.close()
+
+
+def test_closing_the_client_releases_its_latches_and_ends_its_session():
+    r = run_scenario("client_close")
+    assert r["latched"]["latches"] == r["before"]["latches"] + 2, r
+    assert r["latched"]["policies"] == 4, r
+    assert all(r["after"][k] == r["before"][k] for k in ("clients", "latches", "policies")), r
+    assert r["states"] == ["CLOSED", "CLOSED"] and r["alerts"] == ["CLOSED", "CLOSED"], r
+    assert not r["reader_alive"], r
+    assert r["received"] == "after close", r
+    assert r["warnings"] == [] and r["errors"] == [], r
 
 
 # ---- who may see what ----

@@ -244,11 +244,25 @@ class BrokerClient:
             handle.on_alert(handle, Alert(old, LatchState.CLOSED))
 
     def close(self) -> None:
+        """Release every latch, as Latcher.close() does (the sockets live on, unlatched), and
+        end the session."""
+        if self._closed:
+            return
+        for h in list(self._all):
+            try:
+                self.release(h)
+            except Exception as exc:        # (one failure must not keep the others latched)
+                log.warning("releasing latch %s on close: %s", h.remote_id, exc)
         self._closed = True
         with self._lock:
             if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+                # Closing alone would not wake the reader's recvmsg (nor end the session: the
+                # blocked call holds the socket); shutting it down does, and the reader closes
+                # it. The releases sent before are read by the broker first.
+                try:
+                    self._conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._wake_all()
 
     def _wake_all(self) -> None:
@@ -261,6 +275,16 @@ class BrokerClient:
 
     # -- the reader --
     def _run(self) -> None:
+        try:
+            self._read_all()
+        finally:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                self._wake_all()
+
+    def _read_all(self) -> None:
         while not self._closed:
             conn = self._conn
             if conn is None:
@@ -276,6 +300,8 @@ class BrokerClient:
             for fd in fds:
                 os.close(fd)
             if msg is None:
+                if self._closed:
+                    break
                 self._lost()
                 continue
             if "event" in msg:
