@@ -1,6 +1,6 @@
 """Revalidating latches after a rekey of every SA pair, on the host (JSON to stdout).
 
-    python3 benchmarks/revalidate.py [--latches 10000] [--profile] [--no-memory]
+    python3 benchmarks/revalidate.py [--latches 10000] [--sa-pairs N] [--profile] [--no-memory]
 
 Issue 4's second figure: N latched connections on N SA pairs, then every pair rekeyed as
 strongSwan does it (the new inbound SA, the new outbound SA with the same reqid and new SPIs,
@@ -15,6 +15,8 @@ index is the real C Index and whose notifications are kernel-format XFRM message
 (ipsecchan.xfrm.encode) read through XfrmView.poll itself, from a queue of datagrams (one
 message each, as the kernel multicasts them) instead of a netlink socket. Identities come from
 ipsecchan.ike.static.StaticSource (one reqid rule per peer: each peer its own identity).
+--sa-pairs N spreads the latches over N SA pairs (N peers), as on a server whose clients hold
+many connections each; the default, one pair per latch, is the worst case and the target's.
 Sockets are real connected UDP sockets in a fresh network namespace (the script re-executes
 itself under `unshare --net`), so IP_XFRM_POLICY really runs; needs root.
 
@@ -236,30 +238,33 @@ def _memory(lat, socks, count: int) -> dict:
     return res
 
 
-def run(n: int, profile: bool, memory: bool = True) -> dict:
+def run(n: int, profile: bool, memory: bool = True, peers: int | None = None) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = n + 2000 + 256                # the latches' sockets, the shared-SA ones, spare
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need) if hard > 0 else need,
                                                     hard))
+    npeers = min(peers or n, n)
     res: dict = {"benchmark": "latch revalidation after rekeys (host)", "latches": n,
-                 "python": sys.version.split()[0]}
-    old = [pair(i, 0, NOW - 3600) for i in range(n)]
-    new = [pair(i, 1, NOW) for i in range(n)]
-    pols = [p for i in range(n) for p in policies(i)]
+                 "sa_pairs": npeers, "python": sys.version.split()[0]}
+    # Latch i is on SA pair i % npeers (with as many pairs as latches, each has its own).
+    old = [pair(i, 0, NOW - 3600) for i in range(npeers)]
+    new = [pair(i, 1, NOW) for i in range(npeers)]
+    pols = [p for i in range(npeers) for p in policies(i)]
     view = FeedView(TimedIndex(), encode.dump([s for p in old for s in p], pols))
-    rules = [{"reqid": i + 1, "local": "gw", "peer": f"peer{i}"} for i in range(n)]
+    rules = [{"reqid": i + 1, "local": "gw", "peer": f"peer{i}"} for i in range(npeers)]
     lat = Latcher(TimedStaticSource({"sas": rules}), view)
 
     socks = []
     for i in range(n):
         s = socket.socket(V4, socket.SOCK_DGRAM)
-        s.connect((peer(i), PORT))
+        s.connect((peer(i % npeers), PORT))
         socks.append(s)
 
     # The floor, on these very sockets, pinned as their latches will be.
-    pins = [(Template(V4, GW, peer(i), "esp", old[i][0].spi, i + 1, "transport", False),
-             Template(V4, "", "", "esp", 0, i + 1, "transport", False)) for i in range(n)]
+    pins = [(Template(V4, GW, peer(j), "esp", old[j][0].spi, j + 1, "transport", False),
+             Template(V4, "", "", "esp", 0, j + 1, "transport", False))
+            for j in (i % npeers for i in range(n))]
     res["floor_per_socket"] = _stats(floor_syscalls(socks, pins))
 
     # Latching: the first half timed, the second under tracemalloc (memory per live latch;
@@ -303,11 +308,11 @@ def run(n: int, profile: bool, memory: bool = True) -> dict:
                 raise AssertionError("latches not revalidated after 10 polls")
 
     def moved():
-        return all(h.latch.params.out_sas[0].key[3] == new[i][0].spi
+        return all(h.latch.params.out_sas[0].key[3] == new[i % npeers][0].spi
                    for i, h in enumerate(order))
 
     def only_new_inbound():
-        return all([s.key[3] for s in h.latch.params.in_sas] == [new[i][1].spi]
+        return all([s.key[3] for s in h.latch.params.in_sas] == [new[i % npeers][1].spi]
                    for i, h in enumerate(order))
 
     SPENT.clear()
@@ -324,7 +329,7 @@ def run(n: int, profile: bool, memory: bool = True) -> dict:
     broken = sum(h.state is not LatchState.ESTABLISHED for h in order)
     rekey_alerts = sum(sum(1 for a in h.alerts if a.rekeyed) for h in order)
     # Every socket's OUT pin is on its new SA (the kernel's own SPD dump says so).
-    spis = {new[i][0].spi for i in range(n)}
+    spis = {new[j][0].spi for j in range(npeers)}
     pinned_new = sum(1 for p in dump_policies() if p.dir == "out-socket" and p.templates
                      and p.templates[0].spi in spis)
     res["revalidate"] = {
@@ -358,6 +363,8 @@ def run(n: int, profile: bool, memory: bool = True) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latches", type=int, default=10000)
+    ap.add_argument("--sa-pairs", type=int, default=None,
+                    help="SA pairs the latches spread over (default: one per latch)")
     ap.add_argument("--profile", action="store_true", help="cProfile to stderr")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the memory measurements (tracemalloc makes them slow)")
@@ -369,9 +376,11 @@ def main(argv=None) -> int:
                   'exec "$0" "$@"')
         argv = [sys.executable, os.path.abspath(__file__), "--in-netns",
                 "--latches", str(opts.latches)] + (["--profile"] if opts.profile else []) \
-            + (["--no-memory"] if opts.no_memory else [])
+            + (["--no-memory"] if opts.no_memory else []) \
+            + (["--sa-pairs", str(opts.sa_pairs)] if opts.sa_pairs else [])
         return subprocess.call(["unshare", "--net", "sh", "-c", script, *argv])
-    json.dump(run(opts.latches, opts.profile, not opts.no_memory), sys.stdout, indent=2)
+    json.dump(run(opts.latches, opts.profile, not opts.no_memory, opts.sa_pairs), sys.stdout,
+              indent=2)
     print()
     return 0
 

@@ -21,6 +21,8 @@ any application byte is sent; the connection is blocked in the kernel and should
 Closing resets it: nothing written after the refusal ever leaves (the reset itself goes out
 only when nothing is queued; otherwise the peer's next packet is answered with one).
 An accepted connection that cannot be latched is closed and never returned by accept().
+A latched, latching or refused socket's per-socket XFRM policies (IP_XFRM_POLICY,
+IPV6_XFRM_POLICY) are its latch's pin or block: setting them raises EBUSY.
 
 When a latch breaks (another peer behind the address, weaker protection, cleartext, the IKE
 daemon gone), the kernel blocks the connection's packets, registered callbacks are called,
@@ -52,6 +54,7 @@ from ipsecchan import runtime as _runtime
 from ipsecchan import sockopt as _opt
 from ipsecchan.channel import CB_ENDPOINT, CHANNEL_BINDING_TYPES, endpoint_binding
 from ipsecchan.latch.enforce import unsent as _unsent
+from ipsecchan.xfrm.netlink_xfrm import policy_level as _policy_level
 from ipsecchan.latch.machine import LatchRefused, LatchState, Policy, Requirements
 from ipsecchan.sockopt import (IPSEC_CHANNEL_BINDING, IPSEC_LATCH_BROKEN, IPSEC_LATCH_CAUSE,
                                IPSEC_LATCH_CLOSED, IPSEC_LATCH_ESTABLISHED,
@@ -75,6 +78,9 @@ __all__ = list(_std.__all__) + [
 
 _POLICIES = {IPSEC_POLICY_BYPASS: None, IPSEC_POLICY_REQUIRE: Policy.REQUIRE,
              IPSEC_POLICY_OPTIONAL: Policy.OPTIONAL}
+# IP_XFRM_POLICY and IPV6_XFRM_POLICY (not in the stdlib module): a latch's pins and blocks
+# are these per-socket policies.
+_XFRM_POLICY_OPTIONS = {_policy_level(AF_INET), _policy_level(AF_INET6)}
 _DATA_METHODS = ("send", "sendall", "sendto", "sendmsg", "sendfile", "recv", "recv_into",
                  "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into")
 
@@ -504,6 +510,8 @@ class socket(_std.socket):
 
     def setsockopt(self, level, optname, value, optlen=None):
         if level != SOL_IPSEC:
+            if (level, optname) in _XFRM_POLICY_OPTIONS:
+                self._own_policies()
             if optlen is None:
                 return super().setsockopt(level, optname, value)
             return super().setsockopt(level, optname, value, optlen)
@@ -531,6 +539,16 @@ class socket(_std.socket):
             if "\0" in text or len(raw) > 1024:
                 raise _opt.oserror(_errno.EINVAL, "IPSEC_REQUIRE_PEER_ID: bad identity")
             ips.require_peer = text or None
+
+    def _own_policies(self) -> None:
+        """A latched, latching or refused socket's per-socket policies are the latch's (its
+        pin, or the block that keeps a broken or refused connection from leaking): the
+        application may not replace them."""
+        ips = self._ipsec
+        h = ips.handle
+        if ips.lazy or ips.refused or (h is not None
+                                       and h.latch.state is not LatchState.CLOSED):
+            raise _opt.oserror(_errno.EBUSY, "the socket's IPsec policies are its latch's")
 
     def _connected(self) -> bool:
         try:

@@ -121,6 +121,13 @@ try:
     s.get_channel_binding("tls-unique")
 except ValueError as exc:
     r["bad_cb_type"] = str(exc)
+# The latch's pin may not be replaced (here: by a bypass; valid, and root may set it).
+from ipsecchan.xfrm import socket_policy_bytes
+try:
+    s.setsockopt(socket.IPPROTO_IP, 17, socket_policy_bytes(socket.AF_INET, "out"))
+    r["replace_pin"] = "set"
+except OSError as exc:
+    r["replace_pin"] = exc.errno
 s.sendall(b"x" * 100)
 got = s.recv(100)
 r["echo"] = len(got)
@@ -188,6 +195,7 @@ def test_socket_options_break_and_resolve(lab, dropin):
     assert first["unknown_option"] == 92 and first["short_buffer"] == 22     # ENOPROTOOPT, EINVAL
     assert first["set_after_connect"] == 106                                  # EISCONN
     assert "not implemented" in first["bad_cb_type"]
+    assert first["replace_pin"] == 16                                         # EBUSY
     assert first["echo"] == 100
     assert first["broken_send"] == ["no-sa", True, 4, "no-sa"]
     assert ["BROKEN", "no-sa"] in first["heard"]

@@ -252,3 +252,25 @@ def test_a_refused_connection_is_reset_without_lifting_its_block_over_queued_byt
             assert peers[1].recv(10) == b""
         for p in peers:
             p.close()
+
+
+def test_the_application_cannot_replace_a_refused_connections_block():
+    # A refused connection is blocked by per-socket policies: an application with
+    # CAP_NET_ADMIN setting its own (a bypass) would let it leak. Another socket may.
+    from ipsecchan.xfrm import set_socket_policy, socket_policy_bytes
+    bypass = socket_policy_bytes(std.AF_INET, "out")
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        refused = socket.create_connection(srv.getsockname(), timeout=5)
+        other = socket.create_connection(srv.getsockname(), timeout=5)
+        peers = [srv.accept()[0] for _ in range(2)]
+        set_socket_policy(refused, "out", action="block")
+        refused._ipsec.refused = True
+        with pytest.raises(OSError) as e:
+            refused.setsockopt(socket.IPPROTO_IP, 17, bypass)
+        assert e.value.errno == errno.EBUSY
+        other.setsockopt(socket.IPPROTO_IP, 17, bypass)          # not latched: the kernel's
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        refused.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)    # other options pass
+        refused._ipsec.refused = False          # (closed as an ordinary socket)
+        for s in [refused, other, *peers]:
+            s.close()

@@ -31,7 +31,10 @@ def _set(sock, family: int, direction: str, templates=(), action: str = "allow")
                     socket_policy_bytes(family, direction, templates, action=action))
 
 
-def _pin(sock, family: int, params: LatchParams) -> None:
+def _pin(sock, family: int, params: LatchParams, in_set: bytes | None = None) -> bytes:
+    """Pin the socket; returns the IN policy it has now. `in_set`: the IN policy a pin of
+    this latch set on it last (None: not known): not set again when unchanged (a rekey moves
+    the OUT pin to the new SA; the IN pin names the reqid, which stays)."""
     level = policy_level(family)
     sas = params.out_sas + params.in_sas
     key = (family, len(params.out_sas), *map(id, sas))
@@ -46,7 +49,9 @@ def _pin(sock, family: int, params: LatchParams) -> None:
             sas, policy_header(family, "out") + b"".join([template_bytes(*t) for t in out]),
             policy_header(family, "in") + b"".join([template_bytes(*t) for t in inbound]))
     sock.setsockopt(level[0], level[1], hit[1])
-    sock.setsockopt(level[0], level[1], hit[2])
+    if hit[2] != in_set:
+        sock.setsockopt(level[0], level[1], hit[2])
+    return hit[2]
 
 
 def pin_templates(params: LatchParams, family: int) -> tuple[list[tuple], list[tuple]]:
@@ -103,6 +108,23 @@ def apply_all(sock: socket.socket, effects, family: int | None = None) -> list[A
         if isinstance(e, Alert):
             alerts.append(e)
         else:
+            apply(sock, e, family)
+    return alerts
+
+
+def apply_tracked(sock, effects, family: int, holder) -> list[Alert]:
+    """apply_all for a latch that keeps track of its socket's IN pin: holder.pin_in is the
+    IN policy its last pin set (None: not known, or not a pin's), kept current here even
+    when an effect fails."""
+    alerts = []
+    for e in effects:
+        if isinstance(e, Alert):
+            alerts.append(e)
+        elif isinstance(e, Pin) and e.params.protected:
+            last, holder.pin_in = holder.pin_in, None      # not known while being set
+            holder.pin_in = _pin(sock, family, e.params, last)
+        else:
+            holder.pin_in = None
             apply(sock, e, family)
     return alerts
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ipsecchan.ike.base import IdentitySource, SAIdentity, State
-from ipsecchan.latch.enforce import apply_all
+from ipsecchan.latch.enforce import apply_all, apply_tracked
 from ipsecchan.latch.machine import (Alert, Block, Cause, Latch, LatchRefused, LatchState,
                                      Observation, Party, Policy, Release, Requirements,
                                      SAFacts)
@@ -119,10 +119,19 @@ class LatchHandle:
     alerts: list = field(default_factory=list)
     listener: int | None = None
     mark: int = 0
+    pin_in: bytes | None = None      # the IN policy this latch's last pin set (enforce)
 
     @property
     def state(self) -> LatchState:
         return self.latch.state
+
+
+class _PinTrack:
+    """What enforce.apply_tracked keeps for a latch being made (its handle does it after)."""
+    __slots__ = ("pin_in",)
+
+    def __init__(self) -> None:
+        self.pin_in = None
 
 
 def listener_templates(policies, family: int) -> list[Template] | None:
@@ -384,20 +393,22 @@ class Latcher:
                    wait: bool = True):
         latch = None
         self._next_round()
+        track = _PinTrack()
         try:
             first = self._settled(flow, fresh=False, wait=wait)
             effects = begin(first)
             latch = latch_or_holder[0] if isinstance(latch_or_holder, list) else latch_or_holder
-            apply_all(sock, effects, flow.family)
-            alerts = apply_all(sock, latch.confirm(self._confirming(flow, first, wait)),
-                               flow.family)
+            apply_tracked(sock, effects, flow.family, track)
+            alerts = apply_tracked(sock, latch.confirm(self._confirming(flow, first, wait)),
+                                   flow.family, track)
         except BaseException:
             if latch is not None and latch.state is not LatchState.CLOSED:
                 latch.close()
             if listener is None:
                 apply_all(sock, [Release()], flow.family)
             raise
-        handle = LatchHandle(next(self._ids), sock, flow, latch, on_alert, listener=listener)
+        handle = LatchHandle(next(self._ids), sock, flow, latch, on_alert, listener=listener,
+                             pin_in=track.pin_in)
         self.handles[handle.id] = handle
         self.registry.add(handle.id, flow, _keys(latch))
         self._deliver(handle, alerts)
@@ -431,6 +442,7 @@ class Latcher:
             self.handles.pop(handle.id, None)
             if handle.latch.state is not LatchState.CLOSED:
                 effects = handle.latch.close()
+                handle.pin_in = None
                 try:
                     apply_all(handle.sock, effects)
                 except OSError as exc:
@@ -557,7 +569,7 @@ class Latcher:
                 self._pending.discard(hid)
             effects = handle.latch.observe(obs)
             try:
-                alerts = apply_all(handle.sock, effects, handle.flow.family)
+                alerts = apply_tracked(handle.sock, effects, handle.flow.family, handle)
             except OSError as exc:
                 # The socket could not be changed. Closed: nothing is left to enforce, the
                 # latch goes. Otherwise its owner still hears what the latch says, and the
