@@ -358,6 +358,7 @@ class socket(_std.socket):
         try:
             self.setsockopt(SOL_SOCKET, SO_LINGER, b"\1\0\0\0\0\0\0\0")
             if _unsent(self) == 0:
+                self._ipsec.refused = False     # (the block is the backend's to lift now)
                 _runtime.get().abort(self)
         except OSError as exc:
             _log.warning("resetting a refused connection: %s", exc)

@@ -224,12 +224,13 @@ def test_a_refused_connection_is_reset_without_lifting_its_block_over_queued_byt
     # per-socket block policy holds the written bytes in the send queue.
     from ipsecchan import runtime
     from ipsecchan.latch.enforce import unsent
-    from ipsecchan.xfrm import set_socket_policy
+    from ipsecchan.xfrm import clear_socket_policies, set_socket_policy
     lifted = []
 
     class Backend:
-        def abort(self, sock):
+        def abort(self, sock):                   # as the in-process runtime's
             lifted.append(sock.fileno())
+            clear_socket_policies(sock)
 
     monkeypatch.setattr(runtime, "get", lambda: Backend())
     with socket.create_server(("127.0.0.1", 0)) as srv:
@@ -246,7 +247,11 @@ def test_a_refused_connection_is_reset_without_lifting_its_block_over_queued_byt
             s._ipsec.refused = True
             s.close()
         assert [fds[f] for f in lifted] == ["quiet"]
-        # Both are gone at once (reset, no FIN_WAIT); the peer of the busy one got nothing.
+        # Both are gone at once (reset, no FIN_WAIT); the quiet one's peer heard the reset,
+        # the busy one's got nothing.
+        peers[0].settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            peers[0].recv(10)
         peers[1].settimeout(0.5)
         with pytest.raises((TimeoutError, ConnectionResetError)):
             assert peers[1].recv(10) == b""
