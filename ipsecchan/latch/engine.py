@@ -181,6 +181,7 @@ class Latcher:
         self._parties: dict = {}         # Identity -> Party
         self._sides: dict = {}           # ids of SAFacts -> a (shared) tuple of them
         self._protections: dict = {}     # (proto, mode, algorithms, encap) -> Protection
+        self._seen: dict = {}            # this round's observations, by index answer (_observe)
         # Latching, polling and releasing may come from several threads (the socket API's
         # event thread, the application's); one lock, never taken on the data path.
         self.lock = threading.RLock()
@@ -216,6 +217,7 @@ class Latcher:
         stands (an SA's identities cannot change during its life; losing the daemon starts a
         new epoch)."""
         self._round += 1
+        self._seen.clear()
         epoch = getattr(self.identities, "epoch", None)
         self._valid = (0, epoch) if epoch is not None else (1, self._round)
 
@@ -261,7 +263,14 @@ class Latcher:
                 self._take(self.view.poll())
             except OSError as exc:
                 return Observation(False, reason=f"XFRM notifications: {exc}")
-        out_verdict, out_sas, in_verdict, in_sas, in_clear = self._lookup(flow)
+        brief = self._lookup(flow)
+        # Latches on the same SAs get the same answer object from the index (cached by its
+        # words): within a round, so is their observation (identity answers stand for the
+        # round). Held by the entry, so that the id stays the answer's.
+        memo = self._seen.get(id(brief))
+        if memo is not None and memo[0] is brief:
+            return memo[1]
+        out_verdict, out_sas, in_verdict, in_sas, in_clear = brief
         pending, now = False, None
         sides = []
         facts_of, shared_sides = self._facts, self._sides
@@ -288,8 +297,13 @@ class Latcher:
                     shared_sides.clear()
                 shared = shared_sides[ids] = tuple(facts)
             sides.append(shared)
-        return Observation(True, out_verdict, in_verdict, sides[0], sides[1], in_clear,
-                           pending=pending)
+        obs = Observation(True, out_verdict, in_verdict, sides[0], sides[1], in_clear,
+                          pending=pending)
+        if not pending:
+            if len(self._seen) >= 1024:
+                self._seen.clear()
+            self._seen[id(brief)] = (brief, obs)
+        return obs
 
     def _lookup(self, flow: Flow) -> tuple[str, tuple, str, tuple, bool]:
         """(OUT verdict, OUT SAs, IN verdict, IN SAs, IN accepts cleartext) for the flow. The
@@ -609,8 +623,21 @@ class Latcher:
         self.identities.close()
 
 
-def _keys(latch: Latch) -> list[tuple]:
-    if latch.params is None:
-        return []
-    out, inbound = latch.params.sa_keys()
-    return list(out + inbound)
+_KEYS: dict[int, tuple] = {}
+
+
+def _keys(latch: Latch) -> tuple:
+    """The latch's SA keys, without repeats: shared by latches that share their parameters
+    (machine's memos), held with them so that the id stays theirs."""
+    params = latch.params
+    if params is None:
+        return ()
+    hit = _KEYS.get(id(params))
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    out, inbound = params.sa_keys()
+    keys = tuple(dict.fromkeys(out + inbound))
+    if len(_KEYS) >= 4096:
+        _KEYS.clear()
+    _KEYS[id(params)] = (params, keys)
+    return keys

@@ -236,6 +236,110 @@ def evaluate(obs: Observation, req: Requirements
     return LatchParams(True, local, peer, prot, reqids, obs.out_sas, obs.in_sas), None, ""
 
 
+# Judging is a pure function of the observation, the latched parameters and the requirements.
+# Latches on the same SAs get the same objects (the engine shares one tuple of SAFacts per
+# list of SAs; the parameters these functions return are shared through the memos): a round
+# over the many connections of one SA pair judges once. Keyed by the objects' ids, with the
+# objects held by the entry (so their ids stay theirs); bounded.
+_MEMO_LIMIT = 4096
+_EVALUATED: dict[tuple, tuple] = {}
+_OUTCOMES: dict[tuple, tuple] = {}
+
+
+def _obs_key(obs: Observation) -> tuple:
+    return (obs.verified, obs.out_verdict, obs.in_verdict, id(obs.out_sas), id(obs.in_sas),
+            obs.in_cleartext_accepted, obs.reason)
+
+
+def _evaluated(obs: Observation, req: Requirements
+               ) -> tuple[LatchParams | None, Cause | None, str]:
+    """evaluate(obs, req), shared among latches whose observations show the same SAs."""
+    key = (_obs_key(obs), req)
+    hit = _EVALUATED.get(key)
+    if hit is not None and hit[0] is obs.out_sas and hit[1] is obs.in_sas:
+        return hit[2]
+    res = evaluate(obs, req)
+    if len(_EVALUATED) >= _MEMO_LIMIT:
+        _EVALUATED.clear()
+    _EVALUATED[key] = (obs.out_sas, obs.in_sas, res)
+    return res
+
+
+_GONE: dict[tuple, tuple] = {}
+
+
+def _without(latched: LatchParams, keys) -> LatchParams | None:
+    """The parameters of an ESTABLISHED latch once the SAs `keys` names are gone from the SAD,
+    when they follow from that alone (Latch.inbound_gone); None when they do not. Memoized,
+    so that latches sharing parameters go on sharing them."""
+    key = (id(latched), frozenset(keys))
+    hit = _GONE.get(key)
+    if hit is not None and hit[0] is latched:
+        return hit[1]
+    res = _without_uncached(latched, key[1])
+    if len(_GONE) >= _MEMO_LIMIT:
+        _GONE.clear()
+    _GONE[key] = (latched, res)
+    return res
+
+
+def _without_uncached(latched: LatchParams, keys) -> LatchParams | None:
+    # The latched SAs are what the last observation showed. Removing SAs can change that
+    # observation only by the SAs removed, unless one carried the connection out, or none of
+    # the latch's kind is left inbound (the verdict would become no-sa); bundles of several
+    # layers are left to a full observation.
+    if not latched.protected or len(latched.out_sas) != 1:
+        return None
+    out = latched.out_sas[0]
+    if out.key in keys:
+        return None
+    left = tuple(s for s in latched.in_sas if s.key not in keys)
+    if len(left) == len(latched.in_sas):
+        return latched                                 # none of its SAs: nothing changed
+    kind = (out.reqid, out.protection.proto, out.protection.mode)
+    if not any((s.reqid, s.protection.proto, s.protection.mode) == kind for s in left):
+        return None
+    return LatchParams(True, latched.local, latched.peer, latched.protection, latched.reqids,
+                       latched.out_sas, left)
+
+
+# What an observation does to an ESTABLISHED latch (_established_outcome).
+_KEEP = ("keep", None, None, "")
+
+
+def _established_outcome(obs: Observation, latched: LatchParams, req: Requirements
+                         ) -> tuple[str, LatchParams | None, Cause | None, str]:
+    """("keep"|"broken"|"moved"|"inbound", new params, cause, detail) of a non-pending
+    observation for an ESTABLISHED latch: broken, rekeyed (moved: the OUT SAs or reqids
+    changed), only its accepted inbound SAs changed, or nothing to do. Memoized."""
+    key = (_obs_key(obs), id(latched), req)
+    hit = _OUTCOMES.get(key)
+    if hit is not None and hit[0] is obs.out_sas and hit[1] is obs.in_sas \
+            and hit[2] is latched:
+        return hit[3]
+    params, cause, detail = _judge(obs, latched, req)
+    if params is None and not latched.protected:
+        res = _KEEP                 # latched to cleartext, knowingly: nothing to break
+    elif cause is not None:
+        res = ("broken", None, cause, detail)
+    elif not latched.protected:
+        res = _KEEP
+    else:
+        keys, old_keys = params.sa_keys(), latched.sa_keys()
+        if keys == old_keys:
+            res = _KEEP
+        else:
+            moved = (keys[0], params.reqids) != (old_keys[0], latched.reqids)
+            # The latched identities and protection stay; the SAs carrying them are new.
+            res = ("moved" if moved else "inbound",
+                   LatchParams(True, latched.local, latched.peer, latched.protection,
+                               params.reqids, params.out_sas, params.in_sas), None, "")
+    if len(_OUTCOMES) >= _MEMO_LIMIT:
+        _OUTCOMES.clear()
+    _OUTCOMES[key] = (obs.out_sas, obs.in_sas, latched, res)
+    return res
+
+
 def _judge(obs: Observation, latched: LatchParams, req: Requirements
            ) -> tuple[LatchParams | None, Cause | None, str]:
     """An observation against a latch: new parameters (None if it offers none) and the cause
@@ -282,12 +386,14 @@ HISTORY_LIMIT = 32
 
 def _unchanged(obs: Observation, latched: LatchParams) -> bool:
     """The observation shows exactly the SAs, identities and protection the latch holds now
-    (SAFacts compare by value): nothing to judge again. Those facts passed the latch's checks
-    when they were taken in, and a judgement depends on nothing else."""
+    (SAFacts compare by value; the very same tuples, the common case, at once): nothing to
+    judge again. Those facts passed the latch's checks when they were taken in, and a
+    judgement depends on nothing else."""
     return (latched.protected and obs.verified and not obs.pending
             and obs.out_verdict == "protected" and obs.in_verdict == "protected"
             and not obs.in_cleartext_accepted
-            and obs.out_sas == latched.out_sas and obs.in_sas == latched.in_sas)
+            and (obs.out_sas is latched.out_sas or obs.out_sas == latched.out_sas)
+            and (obs.in_sas is latched.in_sas or obs.in_sas == latched.in_sas))
 
 
 @dataclass(slots=True)
@@ -360,7 +466,7 @@ class Latch:
             raise LatchProtocolError("begin: this latch has begun already")
         if obs.pending:
             raise LatchProtocolError("begin: wait until the observation is not pending")
-        params, cause, detail = evaluate(obs, self.requirements)
+        params, cause, detail = _evaluated(obs, self.requirements)
         if params is None:
             raise LatchRefused(cause, detail)
         self.params = params
@@ -388,48 +494,26 @@ class Latch:
     def _observe_established(self, obs: Observation) -> list[Effect]:
         if obs.pending or _unchanged(obs, self.params):
             return []       # pending: the pin holds the connection on its SAs meanwhile
-        params, cause, detail = _judge(obs, self.params, self.requirements)
-        if params is None and not self.params.protected:
-            return []           # latched to cleartext, knowingly: nothing to break
-        if cause is not None:
+        kind, params, cause, detail = _established_outcome(obs, self.params,
+                                                           self.requirements)
+        if kind == "keep":
+            return []
+        if kind == "broken":
             return [self._move(LatchState.BROKEN, cause, detail), Block(cause)]
-        latched = self.params
-        if not latched.protected:
-            return []
-        keys, old_keys = params.sa_keys(), latched.sa_keys()
-        if keys == old_keys:
-            return []
-        moved = (keys[0], params.reqids) != (old_keys[0], latched.reqids)
-        # The latched identities and protection stay; the SAs carrying them now are new.
-        self.params = LatchParams(True, latched.local, latched.peer, latched.protection,
-                                  params.reqids, params.out_sas, params.in_sas)
-        if not moved:
+        self.params = params
+        if kind == "inbound":
             # Only the set of accepted inbound SAs changed (a rekey's old inbound SA gone):
             # the IN pin (by reqid) stands, nothing to tell.
             return []
         # A rekey: the same identities and protection on new SAs. The pin moves to them.
         return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
-                Pin(self.params)]
+                Pin(params)]
 
     def _inbound_gone(self, keys) -> list[Effect] | None:
-        # The latched SAs are what the last observation showed. Removing SAs can change that
-        # observation only by the SAs removed, unless one carried the connection out, or none
-        # of the latch's kind is left inbound (the verdict would become no-sa); bundles of
-        # several layers are left to a full observation.
-        latched = self.params
-        if not latched.protected or len(latched.out_sas) != 1:
+        params = _without(self.params, keys)
+        if params is None:
             return None
-        out = latched.out_sas[0]
-        if out.key in keys:
-            return None
-        left = tuple(s for s in latched.in_sas if s.key not in keys)
-        if len(left) == len(latched.in_sas):
-            return []                                  # none of its SAs: nothing changed
-        kind = (out.reqid, out.protection.proto, out.protection.mode)
-        if not any((s.reqid, s.protection.proto, s.protection.mode) == kind for s in left):
-            return None
-        self.params = LatchParams(True, latched.local, latched.peer, latched.protection,
-                                  latched.reqids, latched.out_sas, left)
+        self.params = params
         return []
 
     def _observe_broken(self, obs: Observation) -> list[Effect]:
