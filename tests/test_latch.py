@@ -364,3 +364,36 @@ def test_inbound_gone_leaves_bundles_and_cleartext_latches_to_an_observation():
     assert latch.inbound_gone({sa(0x400, prot=ah, dst="10.0.0.1").key}) is None
     clear = established(Requirements(Policy.OPTIONAL), first=CLEAR)
     assert clear.inbound_gone({OLD_IN}) is None
+
+
+def test_latches_on_the_same_sas_share_their_judgements_and_keep_their_requirements():
+    # The engine hands latches on the same SAs the same tuples of SAFacts; the machine then
+    # shares their parameters and judges once (memos keyed by those objects' ids). Each
+    # latch's own requirements and state still decide.
+    from ipsecchan.latch.machine import _established_outcome
+    first = obs()
+    a, b = established(first=first), established(first=first)
+    assert a.params is b.params
+    rekey = obs(0x101, 0x201, prot=CHACHA)
+    for latch in (a, b):
+        assert [type(e) for e in latch.observe(rekey)] == [Alert, Pin]
+    assert a.params is b.params and a.params.out_sas is rekey.out_sas
+    # The same observation and parameters under other requirements: judged apart.
+    again = obs(0x102, 0x202, prot=CHACHA)       # latched: GCM256, equally strong
+    lax = _established_outcome(again, a.params, Requirements())
+    strict = _established_outcome(again, a.params, Requirements(strict_algorithms=True))
+    assert lax[0] == "moved" and strict[:3] == ("broken", None, Cause.PROTECTION_WEAKER)
+    # One of them broken by another peer: the other, not observed, stays as it was.
+    a.observe(obs(0x103, 0x203, peer=MALLORY))
+    assert a.state is LatchState.BROKEN and b.state is LatchState.ESTABLISHED
+    assert b.params.out_sas is rekey.out_sas
+    # inbound_gone keeps them sharing.
+    c = established(first=first)
+    d = established(first=first)
+    two_in = Observation(True, "protected", "protected", first.out_sas,
+                         first.in_sas + (sa(0x299, dst="10.0.0.1"),))
+    c.observe(two_in)
+    d.observe(two_in)
+    assert c.params is d.params and len(c.params.in_sas) == 2
+    assert c.inbound_gone({first.in_sas[0].key}) == d.inbound_gone({first.in_sas[0].key}) == []
+    assert c.params is d.params and [s.key[3] for s in c.params.in_sas] == [0x299]
