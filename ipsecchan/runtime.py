@@ -22,7 +22,7 @@ import time
 import weakref
 
 from ipsecchan.ike import ChainSource, StaticSource, StrongSwanSource
-from ipsecchan.latch.engine import Latcher
+from ipsecchan.latch.engine import Latcher, packet_family
 from ipsecchan.latch.enforce import apply
 from ipsecchan.latch.machine import Block, LatchRefused
 from ipsecchan.xfrm import clear_socket_policies
@@ -152,7 +152,7 @@ class Runtime:
             return self.latcher.latch(sock, requirements, on_alert)
         except LatchRefused as exc:
             # Nothing of the connection may leave (the engine released its pin): block it.
-            apply(sock, Block(exc.cause))
+            apply(sock, Block(exc.cause), packet_family(sock))
             raise
 
     def listen(self, sock, requirements, on_alert=None):

@@ -413,3 +413,39 @@ def test_a_block_that_cannot_be_set_shuts_the_connection_down():
     view.feed(encode.expire(_sa(LOCAL, PEER, 0x100), hard=False))
     lat.poll()
     assert h.state is LatchState.BROKEN and s.ops[-1] == ("shutdown", socket.SHUT_RDWR)
+
+
+def _dual_stack_pair():
+    """A connection from an IPv4 client to a dual-stack IPv6 listener, on loopback:
+    (client, accepted; the accepted one an AF_INET6 socket with an IPv4-mapped peer)."""
+    srv = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    with srv:
+        c = socket.create_connection(("127.0.0.1", srv.getsockname()[1]), timeout=5)
+        conn, peer = srv.accept()
+    assert conn.family == socket.AF_INET6 and peer[0] == "::ffff:127.0.0.1"
+    return c, conn
+
+
+def test_an_ipv4_connection_of_an_ipv6_socket_is_latched_and_blocked_as_ipv4():
+    # Its packets are IPv4: looked up as IPv4 (the SPD's IPv4 policies and SAs), and its
+    # per-socket policies must have an IPv4 selector (set through IPV6_XFRM_POLICY): the
+    # kernel does not apply an IPv6 one to them (a block would block nothing). Real sockets.
+    from ipsecchan.latch.engine import flow_of, packet_family
+    from ipsecchan.latch.enforce import apply, apply_all
+    from ipsecchan.latch.machine import Block, Cause, Release
+    c, conn = _dual_stack_pair()
+    with c, conn:
+        flow = flow_of(conn)
+        assert (flow.family, flow.local, flow.remote) == (socket.AF_INET, "127.0.0.1",
+                                                          "127.0.0.1")
+        assert (flow.local_port, flow.remote_port) == (c.getpeername()[1],
+                                                       c.getsockname()[1])
+        assert packet_family(conn) == socket.AF_INET == packet_family(c)
+        apply(conn, Block(Cause.NO_SA), flow.family)
+        conn.send(b"held")
+        c.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            c.recv(16)                    # blocked: nothing left
+        apply_all(conn, [Release()], flow.family)
+        c.settimeout(5)
+        assert c.recv(16) == b"held"      # retransmitted once the block went

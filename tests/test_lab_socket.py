@@ -394,3 +394,56 @@ def test_fromfd_of_a_latched_connection_shares_it(lab, dropin):
     server.stop()
     assert r["original"] == "ESTABLISHED" and r["twin"] is None and r["twin_peer"] is None
     assert r["echo"] == "still latched" and r["after"] == "ESTABLISHED"
+
+
+DUAL_STACK_SERVER = r"""
+import json, sys
+from ipsecchan import socket
+srv = socket.create_server(("::", 5000), family=socket.AF_INET6, dualstack_ipv6=True)
+print(json.dumps({"listening": srv.latch.state}), flush=True)
+conn, peer = srv.accept()
+conn.settimeout(20)
+data = conn.recv(100)
+conn.sendall(data)
+print(json.dumps({"peer": peer[0], "family": int(conn.family), "state": conn.latch.state,
+                  "peer_id": conn.getpeerid(), "local_id": conn.getlocalid(),
+                  "spis": [list(x) for x in conn.latch.spis],
+                  "cb": conn.get_channel_binding().hex()}), flush=True)
+conn.recv(10)                       # until the client closes
+conn.close()
+"""
+
+V4_CLIENT = r"""
+import json, sys
+from ipsecchan import socket
+s = socket.create_connection((sys.argv[1], 5000), timeout=20)
+s.sendall(b"over IPv4 to an IPv6 socket")
+echo = s.recv(100).decode()
+print(json.dumps({"echo": echo, "state": s.latch.state, "peer_id": s.getpeerid(),
+                  "spis": [list(x) for x in s.latch.spis],
+                  "cb": s.get_channel_binding().hex()}), flush=True)
+s.close()
+"""
+
+
+def test_a_dual_stack_server_latches_its_ipv4_clients(lab, dropin):
+    # The accepted connection is an AF_INET6 socket whose peer is IPv4-mapped: its packets
+    # are IPv4, carried by the IPv4 CHILD_SA, and it latches to it like an IPv4 socket (the
+    # same binding as the client's, pins with an IPv4 selector).
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    server = dropin.spawn("bob", [lab.kernel.python, "-c", DUAL_STACK_SERVER])
+    _wait_listening(lab, "bob", 5000)
+    client = json.loads(dropin.python("alice", V4_CLIENT, bob, check=True, timeout=60).text)
+    first, srv = _lines(server, 2)
+    assert first == {"listening": "LISTENER"}
+    assert srv["peer"].startswith("::ffff:") and srv["family"] == 10
+    assert srv["state"] == client["state"] == "ESTABLISHED"
+    assert client["echo"] == "over IPv4 to an IPv6 socket"
+    assert (srv["peer_id"], srv["local_id"]) == (link.a_id, link.b_id)
+    assert client["peer_id"] == link.b_id
+    # One channel: the same SAs seen from both ends, and the same binding.
+    assert srv["spis"] == client["spis"][::-1]
+    assert srv["cb"] == client["cb"]

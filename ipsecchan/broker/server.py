@@ -64,7 +64,7 @@ from ipsecchan.broker import protocol
 from ipsecchan.latch.enforce import apply, unsent
 from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, Policy,
                                      Requirements, conflict)
-from ipsecchan.latch.engine import Latcher, LatchWouldWait
+from ipsecchan.latch.engine import Latcher, LatchWouldWait, packet_family
 from ipsecchan.xfrm import clear_socket_policies
 from ipsecchan.xfrm.lookup import Flow
 
@@ -443,6 +443,12 @@ class _Memo:
         if ans is None:
             ans = self.answers[sa.key] = self.source.identify(sa)
         return ans
+
+
+def _family_of(handle, ref) -> int:
+    """The family of a latched socket's packets (enforce.apply's `family`): its flow's; a
+    listener's is its socket's own."""
+    return handle.flow.family if handle.flow is not None else ref.family
 
 
 def _flow(value) -> Flow:
@@ -887,7 +893,7 @@ class Broker:
                 # blocked (nobody verifies it any more) and the latch forgotten.
                 handle = result
                 try:
-                    apply(ref, Block(Cause.NOT_VERIFIED))
+                    apply(ref, Block(Cause.NOT_VERIFIED), _family_of(handle, ref))
                     handle.sock = _Detached(ref.family)     # closing the latch keeps the block
                     self.latcher.release(handle)
                 except OSError as exc:
@@ -987,7 +993,7 @@ class Broker:
                 cause, detail = conflict(handle.latch.params, expect, req) \
                     if expect is not None else (None, "")
                 if cause is not None:        # same peer, another key; weaker protection
-                    apply(ref, Block(cause))
+                    apply(ref, Block(cause), _family_of(handle, ref))
                     handle.sock = _Detached(ref.family)     # closed, the block stays
                     self.latcher.release(handle)
                     raise LatchRefused(cause, detail)
@@ -998,7 +1004,7 @@ class Broker:
                 # Nothing of it may leave: the client cannot set policies itself.
                 cause = exc.cause if isinstance(exc, LatchRefused) else Cause.NOT_VERIFIED
                 try:
-                    apply(ref, Block(cause))
+                    apply(ref, Block(cause), packet_family(ref))
                 except OSError as err:
                     log.warning("blocking a connection that did not latch: %s", err)
                 if implied and cause is Cause.PEER_NOT_REQUIRED:
@@ -1106,7 +1112,7 @@ class Broker:
                 ref.sock = passed       # the policies are cleared through it, then let go
         try:
             if block and not ref.gone:
-                apply(ref, Block(Cause.NOT_VERIFIED))
+                apply(ref, Block(Cause.NOT_VERIFIED), _family_of(handle, ref))
                 handle.sock = _Detached(ref.family)     # closing the latch keeps the block
             self.latcher.release(handle)
         except OSError as exc:

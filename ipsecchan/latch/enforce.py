@@ -8,6 +8,7 @@ is accepted, in clear or otherwise. Closing the latch removes both policies.
 """
 from __future__ import annotations
 
+import _socket
 import fcntl
 import socket
 import struct
@@ -17,6 +18,8 @@ from ipsecchan.latch.machine import Alert, Block, Effect, LatchParams, Pin, Rele
 from ipsecchan.xfrm import clear_socket_policies, socket_policy_bytes
 from ipsecchan.xfrm.netlink_xfrm import policy_header, policy_level, template_bytes
 
+_RAW_FAMILY = _socket.socket.family.__get__     # (the property converts to an enum)
+
 # The two buffers of a pin, by (family, ids of the pinned SAFacts): latches on the same SAs
 # share the engine's SAFacts objects. The entry holds those objects, so their ids stay theirs.
 # Latches sharing SAs are made close together (connections to one peer, a rekey round): a
@@ -25,9 +28,17 @@ _PINS: dict[tuple, tuple] = {}
 _PINS_LIMIT = 256
 
 
+def _level(sock) -> tuple[int, int]:
+    """The setsockopt level and option of the socket's own family. It can differ from the
+    family of the connection's packets, which the policy's selector and templates name: an
+    IPv6 socket's IPv4 connection (a dual-stack listener's IPv4 client) takes IPV6_XFRM_POLICY
+    with an IPv4 selector; an IPv6 selector would not apply to its packets at all."""
+    return policy_level(_RAW_FAMILY(sock) if isinstance(sock, _socket.socket) else sock.family)
+
+
 def _set(sock, family: int, direction: str, templates=(), action: str = "allow") -> None:
-    """ipsecchan.xfrm.set_socket_policy, for a socket whose family the caller knows."""
-    sock.setsockopt(*policy_level(family),
+    """ipsecchan.xfrm.set_socket_policy, for packets of `family`."""
+    sock.setsockopt(*_level(sock),
                     socket_policy_bytes(family, direction, templates, action=action))
 
 
@@ -35,7 +46,7 @@ def _pin(sock, family: int, params: LatchParams, in_set: bytes | None = None) ->
     """Pin the socket; returns the IN policy it has now. `in_set`: the IN policy a pin of
     this latch set on it last (None: not known): not set again when unchanged (a rekey moves
     the OUT pin to the new SA; the IN pin names the reqid, which stays)."""
-    level = policy_level(family)
+    level = _level(sock)
     sas = params.out_sas + params.in_sas
     key = (family, len(params.out_sas), *map(id, sas))
     hit = _PINS.get(key)
@@ -80,8 +91,8 @@ def _bundle(in_sas, depth: int):
 
 def apply(sock: socket.socket, effect: Effect, family: int | None = None) -> None:
     """Carry out one effect on the socket (needs CAP_NET_ADMIN). Alerts are the owner's.
-    `family`: the socket's address family when the caller has it at hand (saves reading it
-    from the socket object)."""
+    `family`: the family of the connection's packets (its Flow's; an IPv6 socket carries
+    IPv4 ones for an IPv4-mapped peer); None: the socket's own."""
     if family is None and isinstance(effect, (Pin, Block)):
         family = sock.family
     if isinstance(effect, Pin):

@@ -56,6 +56,7 @@ class LatchWouldWait(Exception):
 _ASKED = SAIdentity(State.VERIFIED, "latcher", "verified earlier in this round")
 
 _FAMILIES = {socket.AF_INET: int(socket.AF_INET), socket.AF_INET6: int(socket.AF_INET6)}
+_AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
 # A socket.socket's family and type as plain ints (its properties convert them to enums).
 _RAW_FAMILY, _RAW_TYPE = _socket.socket.family.__get__, _socket.socket.type.__get__
 
@@ -86,9 +87,31 @@ def flow_of(sock: socket.socket, mark: int | None = None) -> Flow:
     local, remote = sock.getsockname(), sock.getpeername()
     if mark is None:
         mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+    laddr, raddr = local[0], remote[0]
+    if family == _AF_INET6 and raddr.startswith("::ffff:") and laddr.startswith("::ffff:") \
+            and "." in raddr:
+        # An IPv6 socket's IPv4 connection (a dual-stack listener's IPv4 client): its packets
+        # are IPv4, looked up and protected as IPv4 (the kernel's flow is IPv4), and its pins
+        # must say so (enforce: an IPv6 selector does not apply to them).
+        family, laddr, raddr = _AF_INET, laddr[7:], raddr[7:]
     # Interned: every latch with the same peer shares its address text.
-    return Flow(family, proto, sys.intern(local[0]), local[1], sys.intern(remote[0]),
-                remote[1], mark=mark)
+    return Flow(family, proto, sys.intern(laddr), local[1], sys.intern(raddr), remote[1],
+                mark=mark)
+
+
+def packet_family(sock) -> int:
+    """The family of a connected socket's packets: AF_INET for an IPv6 socket with an
+    IPv4-mapped peer (see flow_of), else the socket's own. What a block needs when no flow is
+    at hand (a refused latch)."""
+    family = _family_proto(sock)[0]
+    if family == _AF_INET6:
+        try:
+            peer = sock.getpeername()[0]
+        except OSError:
+            return family
+        if peer.startswith("::ffff:") and "." in peer:
+            return _AF_INET
+    return family
 
 
 def _cut(sock, hid: int) -> None:
