@@ -413,7 +413,7 @@ conn.recv(10)                       # until the client closes
 conn.close()
 """
 
-V4_CLIENT = r"""
+CLIENT_TO_5000 = r"""
 import json, sys
 from ipsecchan import socket
 s = socket.create_connection((sys.argv[1], 5000), timeout=20)
@@ -436,7 +436,7 @@ def test_a_dual_stack_server_latches_its_ipv4_clients(lab, dropin):
     bob = lab.host("bob").addr(4)
     server = dropin.spawn("bob", [lab.kernel.python, "-c", DUAL_STACK_SERVER])
     _wait_listening(lab, "bob", 5000)
-    client = json.loads(dropin.python("alice", V4_CLIENT, bob, check=True, timeout=60).text)
+    client = json.loads(dropin.python("alice", CLIENT_TO_5000, bob, check=True, timeout=60).text)
     first, srv = _lines(server, 2)
     assert first == {"listening": "LISTENER"}
     assert srv["peer"].startswith("::ffff:") and srv["family"] == 10
@@ -447,3 +447,24 @@ def test_a_dual_stack_server_latches_its_ipv4_clients(lab, dropin):
     # One channel: the same SAs seen from both ends, and the same binding.
     assert srv["spis"] == client["spis"][::-1]
     assert srv["cb"] == client["cb"]
+
+
+def test_ipv6_connections_latch_over_an_ipv6_child_sa(lab, dropin):
+    # IKE and ESP over IPv6; the same dual-stack server, its client on IPv6 now: the pins
+    # are IPv6 ones (IPV6_XFRM_POLICY, IPv6 selector and templates).
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob", auth="cert", family=6)
+    bob = lab.host("bob").addr(6)
+    server = dropin.spawn("bob", [lab.kernel.python, "-c", DUAL_STACK_SERVER])
+    _wait_listening(lab, "bob", 5000)
+    client = json.loads(dropin.python("alice", CLIENT_TO_5000, bob, check=True, timeout=60).text)
+    _, srv = _lines(server, 2)
+    assert srv["peer"] == lab.host("alice").addr(6) and srv["family"] == 10
+    assert srv["state"] == client["state"] == "ESTABLISHED"
+    assert (srv["peer_id"], srv["local_id"], client["peer_id"]) == (link.a_id, link.b_id,
+                                                                    link.b_id)
+    child = lab.child_sas("alice", link.conn)
+    assert child and client["spis"] == [[int(child[0]["spi-out"], 16)],
+                                         [int(child[0]["spi-in"], 16)]]
+    assert srv["spis"] == client["spis"][::-1] and srv["cb"] == client["cb"]
