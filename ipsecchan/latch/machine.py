@@ -21,9 +21,9 @@ States (RFC 5660 section 2.3) and this module's one addition:
 A rekey (new SAs, same identities, protection no weaker) keeps ESTABLISHED and moves the
 latch to the new SAs. When the only news for an ESTABLISHED latch is that SAs were removed
 (a rekey's old inbound SA, seconds later), inbound_gone() takes that in without a new
-observation where the outcome follows from the latched SAs alone. Optional protection (RFC 5660 section 3.1, BTNS) lets a connection
-latch to cleartext, knowingly: such a latch reports protected=False and promises nothing
-further, so no observation breaks it.
+observation where the outcome follows from the latched SAs alone. Optional protection (RFC
+5660 section 3.1, BTNS) lets a connection latch to cleartext, knowingly: such a latch reports
+protected=False and promises nothing further, so no observation breaks it.
 """
 from __future__ import annotations
 
