@@ -21,6 +21,8 @@ any application byte is sent; the connection is blocked in the kernel and should
 Closing resets it: nothing written after the refusal ever leaves (the reset itself goes out
 only when nothing is queued; otherwise the peer's next packet is answered with one).
 An accepted connection that cannot be latched is closed and never returned by accept().
+sendto()/sendmsg() with MSG_FASTOPEN on a new TCP socket connect (and latch) first, then
+send: data in the SYN would leave before the latch.
 A latched, latching or refused socket's per-socket XFRM policies (IP_XFRM_POLICY,
 IPV6_XFRM_POLICY) are its latch's pin or block: setting them raises EBUSY.
 
@@ -81,6 +83,7 @@ _POLICIES = {IPSEC_POLICY_BYPASS: None, IPSEC_POLICY_REQUIRE: Policy.REQUIRE,
 # IP_XFRM_POLICY and IPV6_XFRM_POLICY (not in the stdlib module): a latch's pins and blocks
 # are these per-socket policies.
 _XFRM_POLICY_OPTIONS = {_policy_level(AF_INET), _policy_level(AF_INET6)}
+_MSG_FASTOPEN = getattr(_std, "MSG_FASTOPEN", 0x20000000)
 _DATA_METHODS = ("send", "sendall", "sendto", "sendmsg", "sendfile", "recv", "recv_into",
                  "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into")
 
@@ -205,12 +208,60 @@ def _is_loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
+class _FastOpenCall:
+    """A new TCP socket's sendto or sendmsg until it connects (socket.__init__): the socket's
+    method, through a weak reference (a bound method kept on the object would make a cycle,
+    and a socket dropped unclosed would wait for the cyclic collector to close)."""
+    __slots__ = ("ref", "impl")
+
+    def __init__(self, ref, impl):
+        self.ref, self.impl = ref, impl
+
+    def __call__(self, *args, **kw):
+        return self.impl(self.ref(), *args, **kw)
+
+
 class socket(_std.socket):
     """socket.socket, latched. See the module's documentation."""
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
         super().__init__(family, type, proto, fileno)
         self._ipsec = _Ipsec(_default_policy)
+        if fileno is None and self.type & 0xF == SOCK_STREAM and \
+                self.family in (AF_INET, AF_INET6):
+            # A new TCP socket can connect through sendto()/sendmsg() with MSG_FASTOPEN,
+            # without connect(): caught until it connects or listens (then they are plain
+            # again: UDP's and connected sockets' sends run no Python code of this module).
+            ref = _weakref.ref(self)
+            self.sendto = _FastOpenCall(ref, socket._fastopen_sendto)
+            self.sendmsg = _FastOpenCall(ref, socket._fastopen_sendmsg)
+
+    # -- TCP Fast Open --
+    def _plain_sends(self) -> None:
+        d = self.__dict__
+        for name in ("sendto", "sendmsg"):
+            if type(d.get(name)) is _FastOpenCall:
+                del d[name]
+
+    def _fastopen_sendto(self, data, flags_or_addr, addr=None):
+        if addr is not None and flags_or_addr & _MSG_FASTOPEN and self._latchable():
+            # Data in the SYN would leave before the connection is latched (and an
+            # unconnected socket's sendto would connect it unlatched): connect and latch
+            # first, then send. (A non-blocking one raises BlockingIOError, as a Fast Open
+            # without a cookie does: the data is to be sent once connected.)
+            self.connect(addr)
+            return self.send(data, flags_or_addr & ~_MSG_FASTOPEN)
+        if addr is None:
+            return _std.socket.sendto(self, data, flags_or_addr)
+        return _std.socket.sendto(self, data, flags_or_addr, addr)
+
+    def _fastopen_sendmsg(self, buffers, ancdata=(), flags=0, address=None):
+        if address is not None and flags & _MSG_FASTOPEN and self._latchable():
+            self.connect(address)                  # as _fastopen_sendto
+            return self.sendmsg(buffers, ancdata, flags & ~_MSG_FASTOPEN)
+        if address is None:
+            return _std.socket.sendmsg(self, buffers, ancdata, flags)
+        return _std.socket.sendmsg(self, buffers, ancdata, flags, address)
 
     # -- which sockets latch --
     def _latchable(self) -> bool:
@@ -223,6 +274,7 @@ class socket(_std.socket):
 
     # -- connecting --
     def connect(self, address):
+        self._plain_sends()
         try:
             super().connect(address)
         except BlockingIOError:
@@ -231,6 +283,7 @@ class socket(_std.socket):
         self._latch_connected()
 
     def connect_ex(self, address):
+        self._plain_sends()
         rc = super().connect_ex(address)
         if rc == 0:
             try:
@@ -291,6 +344,7 @@ class socket(_std.socket):
 
     # -- listening and accepting --
     def listen(self, *args):
+        self._plain_sends()
         super().listen(*args)
         ips = self._ipsec
         if self._latchable() and ips.handle is None and not _is_loopback(
