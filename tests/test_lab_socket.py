@@ -526,3 +526,50 @@ def test_a_fast_open_send_latches_before_its_data_leaves(lab, dropin):
     counts = [s.output().stdout.decode().split() for s in servers]
     assert counts[0] in ([], ["0"]), counts        # carol: no byte (at most a reset)
     assert counts[1] == ["15"], counts
+
+
+ON_DEMAND = r"""
+import json, sys, time
+from ipsecchan import socket
+r = {}
+for name, addr in (("bob", sys.argv[1]), ("carol", sys.argv[2])):
+    t = time.monotonic()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.connect((addr, 5001))       # sends nothing: the kernel asks IKE for the SAs
+        r[name] = {"state": u.latch.state, "peer": u.getpeerid(),
+                   "spis": [list(x) for x in u.latch.spis]}
+    except socket.LatchRefused as exc:
+        r[name] = {"refused": exc.cause.value}
+    r[name]["seconds"] = time.monotonic() - t
+    u.close()
+print(json.dumps(r))
+"""
+
+
+def test_a_connected_udp_socket_waits_for_sas_negotiated_on_demand(lab, dropin):
+    # start_action=trap: no CHILD_SA until traffic asks for one. A UDP connect() sends
+    # nothing; its route lookup makes the kernel ask charon, and the latch waits for the SAs
+    # (up to engine.SA_GRACE) instead of refusing at once. Carol: a policy asks for ESP but
+    # no IKE config answers for her: refused (no-sa) once the wait is over.
+    from ipsecchan.latch.engine import SA_GRACE
+    lab.add_host("alice")
+    lab.add_host("bob")
+    lab.add_host("carol")
+    link = lab.ike("alice", "bob", auth="cert", child_options={"start_action": "trap"},
+                   initiate=False)
+    alice, carol = lab.host("alice").addr(4), lab.host("carol").addr(4)
+    assert not lab.child_sas("alice", link.conn)
+    for d, src, dst in (("out", alice, carol), ("in", carol, alice)):
+        lab.run("alice", ["ip", "xfrm", "policy", "add", "src", src, "dst", dst, "dir", d,
+                          "tmpl", "proto", "esp", "reqid", "77", "mode", "transport"],
+                check=True)
+    r = json.loads(dropin.python("alice", ON_DEMAND, lab.host("bob").addr(4), carol,
+                                 check=True, timeout=60).text)
+    child = lab.child_sas("alice", link.conn)
+    assert child, "the latch's wait did not see the on-demand CHILD_SA"
+    assert (r["bob"]["state"], r["bob"]["peer"]) == ("ESTABLISHED", link.b_id), r
+    assert r["bob"]["spis"] == [[int(child[0]["spi-out"], 16)], [int(child[0]["spi-in"], 16)]]
+    assert r["bob"]["seconds"] < SA_GRACE
+    assert r["carol"]["refused"] == "no-sa", r
+    assert SA_GRACE - 0.5 <= r["carol"]["seconds"] < SA_GRACE + 3, r

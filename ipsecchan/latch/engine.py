@@ -47,9 +47,19 @@ ALERTS_LIMIT = 16
 _CACHE_LIMIT = 1 << 16
 
 
+# How long a latch waits for the SAs an IPsec policy asks for when none carries the connection
+# yet (negotiated on demand: strongSwan's start_action=trap), before it is refused (no-sa).
+SA_GRACE = 5.0
+
+
+def _waits(obs: Observation) -> bool:
+    return obs.pending or (obs.verified and "no-sa" in (obs.out_verdict, obs.in_verdict))
+
+
 class LatchWouldWait(Exception):
     """latch()/accept() with wait=False: the latch would have to wait for the identity
-    source (new SAs it has not named yet). Nothing was latched; try again with waiting."""
+    source (new SAs it has not named yet) or for SAs being negotiated. Nothing was latched;
+    try again with waiting."""
 
 
 # What _facts answers for an SA verified earlier in the same round.
@@ -353,21 +363,25 @@ class Latcher:
                                                 if s.key not in keys])
 
     def _settled(self, flow: Flow, fresh: bool = True, wait: bool = True) -> Observation:
-        """An observation that is not pending: wait for the identity source meanwhile (or,
-        wait=False, raise LatchWouldWait)."""
+        """An observation to latch on: wait while the identity source has not named the SAs
+        yet (pending), or while a policy asks for IPsec and no SA carries the flow yet (the
+        IKE daemon negotiating them on demand: a connected UDP socket's connect() sends
+        nothing, only its route lookup makes the kernel ask for them), up to IDENTITY_GRACE
+        and SA_GRACE; or, wait=False, raise LatchWouldWait."""
         obs = self._observe(flow, fresh)
-        if not obs.pending:
+        if not _waits(obs):
             return obs
         if not wait:
-            raise LatchWouldWait("the identity source has not named the SAs yet")
-        end = time.monotonic() + IDENTITY_GRACE
+            raise LatchWouldWait("the identity source has not named the SAs yet"
+                                 if obs.pending else "no SA carries the connection yet")
+        end = time.monotonic() + max(IDENTITY_GRACE, SA_GRACE)
         while time.monotonic() < end:
             # Waiting on the condition lets go of the lock (all its levels) meanwhile: other
             # threads' latches and event rounds go on while this one waits for the daemon.
             # Whatever they change, the next look below reads.
             self._idle.wait(0.05)
             obs = self._observe(flow, True)
-            if not obs.pending:
+            if not _waits(obs):
                 return obs
         return replace(obs, pending=False)
 
@@ -377,7 +391,8 @@ class Latcher:
               mark: int | None = None, wait: bool = True) -> LatchHandle:
         """Latch a connected socket, or raise LatchRefused (the socket is then released).
         wait=False: raise LatchWouldWait (nothing latched, the socket released) instead of
-        waiting for the identity source to name new SAs (up to IDENTITY_GRACE)."""
+        waiting for the identity source to name new SAs (up to IDENTITY_GRACE) or for the
+        SAs a policy asks for (up to SA_GRACE)."""
         flow = flow_of(sock, mark)
         with self.lock:
             latch = Latch.connector(requirements)
