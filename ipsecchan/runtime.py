@@ -161,8 +161,8 @@ class Runtime:
     def accept(self, listener, sock, on_alert=None):
         return self.latcher.accept(listener, sock, on_alert)
 
-    def release(self, handle) -> None:
-        self.latcher.release(handle)
+    def release(self, handle, wait: bool = False) -> None:
+        self.latcher.release(handle)        # (done when it returns, waited for or not)
 
     def is_latched(self, sock) -> bool:
         """Whether a latch of this process holds the socket (another descriptor of it)."""

@@ -21,6 +21,7 @@ any application byte is sent; the connection is blocked in the kernel and should
 Closing resets it: nothing written after the refusal ever leaves (the reset itself goes out
 only when nothing is queued; otherwise the peer's next packet is answered with one).
 An accepted connection that cannot be latched is closed and never returned by accept().
+A connected UDP socket connected again is another connection: its old latch goes first.
 sendto()/sendmsg() with MSG_FASTOPEN on a new TCP socket connect (and latch) first, then
 send: data in the SYN would leave before the latch.
 A latched, latching or refused socket's per-socket XFRM policies (IP_XFRM_POLICY,
@@ -275,16 +276,54 @@ class socket(_std.socket):
     # -- connecting --
     def connect(self, address):
         self._plain_sends()
+        again = self._end_udp_connection()
         try:
             super().connect(address)
         except BlockingIOError:
             self._arm_lazy()
             raise
+        except OSError:
+            if again:
+                self._latch_still_connected()
+            raise
         self._latch_connected()
+
+    def _end_udp_connection(self) -> bool:
+        """A latched (or refused) UDP socket about to connect again: that is another
+        connection (RFC 5660 5.2, simulated connections). The old latch, made for another
+        peer, goes first (kept, it would go on naming that peer, and its IN pin, by reqid,
+        could accept the new one's packets; its OUT pin would fail the new route lookup);
+        the new connection is latched once connected. Whether there was one."""
+        ips = self._ipsec
+        if self.type & 0xF != SOCK_DGRAM or (ips.handle is None and not ips.refused):
+            return False
+        self._release(wait=True)                 # its pins gone before the connect
+        for name in _DATA_METHODS:
+            self.__dict__.pop(name, None)        # a broken latch's raising methods
+        if ips.refused:
+            ips.refused = False
+            _runtime.get().abort(self)           # the refused connection's block goes
+        ips.binding = False
+        return True
+
+    def _latch_still_connected(self) -> None:
+        # connect() again failed: the socket may still be connected to its old peer, now
+        # without a latch. Latch it again (refused: blocked, as any refused connection).
+        try:
+            self.getpeername()
+        except OSError:
+            return
+        try:
+            self._latch_connected()
+        except LatchRefused:
+            pass
 
     def connect_ex(self, address):
         self._plain_sends()
+        again = self._end_udp_connection()
         rc = super().connect_ex(address)
+        if rc != 0 and again:
+            self._latch_still_connected()
         if rc == 0:
             try:
                 self._latch_connected()
@@ -381,13 +420,13 @@ class socket(_std.socket):
         ips.ref = ref
 
     # -- closing --
-    def _release(self) -> None:
+    def _release(self, wait: bool = False) -> None:
         ips = self.__dict__.get("_ipsec")
         if ips is None or ips.handle is None:
             return
         handle, ips.handle = ips.handle, None
         try:
-            _runtime.get().release(handle)
+            _runtime.get().release(handle, wait=wait)
         except OSError as exc:
             _log.warning("releasing a latch: %s", exc)
 

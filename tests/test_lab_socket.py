@@ -573,3 +573,64 @@ def test_a_connected_udp_socket_waits_for_sas_negotiated_on_demand(lab, dropin):
     assert r["bob"]["seconds"] < SA_GRACE
     assert r["carol"]["refused"] == "no-sa", r
     assert SA_GRACE - 0.5 <= r["carol"]["seconds"] < SA_GRACE + 3, r
+
+
+UDP_ECHO = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((sys.argv[1], 5001))
+while True:
+    data, peer = u.recvfrom(2000)
+    print(len(data), flush=True)
+    u.sendto(data, peer)
+"""
+
+UDP_AGAIN = r"""
+import json, sys
+from ipsecchan import socket
+bob, carol = sys.argv[1], sys.argv[2]
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+r = {}
+u.connect((bob, 5001))
+u.send(b"to bob")
+r["bob"] = [u.latch.state, u.getpeerid(), u.recv(100).decode()]
+try:
+    u.connect((carol, 5001))          # another connection: carol has no IPsec
+    r["carol"] = ["latched", u.getpeerid()]
+except socket.LatchRefused as exc:
+    r["carol"] = ["refused", exc.cause.value, u.latch]
+try:
+    u.send(b"to carol, after the refusal")
+    u.recv(100)
+    r["carol_echo"] = "answered"
+except OSError as exc:
+    r["carol_echo"] = type(exc).__name__
+u.connect((bob, 5001))                # and back: latched anew
+u.send(b"to bob again")
+r["bob_again"] = [u.latch.state, u.getpeerid(), u.recv(100).decode()]
+u.close()
+print(json.dumps(r))
+"""
+
+
+def test_a_udp_socket_connected_again_is_latched_again(lab, dropin):
+    # RFC 5660 5.2: a connected UDP socket's connection is its 5-tuple; connect() again is
+    # another one. The old latch (bob's) must not carry over to carol.
+    lab.add_host("alice")
+    lab.add_host("bob")
+    lab.add_host("carol")
+    link = lab.ike("alice", "bob", auth="cert")
+    bob, carol = lab.host("bob").addr(4), lab.host("carol").addr(4)
+    servers = [lab.spawn(h, [lab.kernel.python, "-c", UDP_ECHO, a])
+               for h, a in (("bob", bob), ("carol", carol))]
+    time.sleep(1)
+    r = json.loads(dropin.python("alice", UDP_AGAIN, bob, carol, check=True, timeout=60).text)
+    for s in servers:
+        s.stop()
+    assert r["bob"] == ["ESTABLISHED", link.b_id, "to bob"]
+    assert r["carol"] == ["refused", "cleartext", None], r
+    assert r["carol_echo"] == "PermissionError", r       # blocked (EPERM): nothing left
+    assert r["bob_again"] == ["ESTABLISHED", link.b_id, "to bob again"]
+    got = [s.output().stdout.decode().split() for s in servers]
+    assert got == [["6", "12"], []], got                 # carol received nothing

@@ -209,7 +209,9 @@ class BrokerClient:
             raise OSError(reply.get("errno") or errno.EIO, f"ipsecchan broker: "
                                                            f"{reply.get('error')}")
 
-    def release(self, handle: RemoteHandle) -> None:
+    def release(self, handle: RemoteHandle, wait: bool = False) -> None:
+        """Release the latch. wait=True: return once the broker has cleared the socket's
+        policies (the socket is about to be used unlatched, not closed)."""
         with self._lock:
             self._handles.pop(handle.remote_id, None)
             self._all.discard(handle)
@@ -221,7 +223,7 @@ class BrokerClient:
             try:
                 sock, tmp = _current(handle.sock)
                 try:
-                    if sock is not None and not _lingers(sock):
+                    if sock is not None and not wait and not _lingers(sock):
                         # The policies must be gone before the socket's last descriptor
                         # closes (a closing TCP socket lives on, with them). The socket goes
                         # with the request: the copy in flight, then the broker's, keeps it
