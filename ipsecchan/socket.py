@@ -57,7 +57,6 @@ from ipsecchan import runtime as _runtime
 from ipsecchan import sockopt as _opt
 from ipsecchan.channel import CB_ENDPOINT, CHANNEL_BINDING_TYPES, endpoint_binding
 from ipsecchan.latch.enforce import unsent as _unsent
-from ipsecchan.xfrm.netlink_xfrm import policy_level as _policy_level
 from ipsecchan.latch.machine import LatchRefused, LatchState, Policy, Requirements
 from ipsecchan.sockopt import (IPSEC_CHANNEL_BINDING, IPSEC_LATCH_BROKEN, IPSEC_LATCH_CAUSE,
                                IPSEC_LATCH_CLOSED, IPSEC_LATCH_ESTABLISHED,
@@ -66,6 +65,7 @@ from ipsecchan.sockopt import (IPSEC_CHANNEL_BINDING, IPSEC_LATCH_BROKEN, IPSEC_
                                IPSEC_PEER_KEY, IPSEC_POLICY, IPSEC_POLICY_BYPASS,
                                IPSEC_POLICY_OPTIONAL, IPSEC_POLICY_REQUIRE, IPSEC_PROTECTION,
                                IPSEC_REQUIRE_PEER_ID, SOL_IPSEC, decode_protection)
+from ipsecchan.xfrm.netlink_xfrm import policy_level as _policy_level
 
 _log = _logging.getLogger("ipsecchan")
 
