@@ -643,6 +643,9 @@ def test_a_socket_latched_by_another_client_reveals_nothing(bad_input_results):
 def test_refused_for_want_of_ipsec_means_blocked(bad_input_results):
     reply = bad_input_results["require-without-ipsec"]["reply"]
     assert reply["cause"] == "cleartext"
+    # The refusal's own words, for the client's LatchRefused (not its message wrapped again).
+    assert reply["detail"] == "no IPsec policy protects the connection", reply
+    assert reply["error"] == "connection not latched: cleartext (" + reply["detail"] + ")"
     assert sorted(reply["blocked"]) == ["socket in action block priority 0 ptype main",
                                         "socket out action block priority 0 ptype main"]
     assert reply["abort"]["ok"] is True and reply["after_abort"] == []

@@ -170,7 +170,7 @@ class BrokerClient:
         if not reply.get("ok"):
             cause = reply.get("cause")
             if cause:
-                raise LatchRefused(Cause(cause), reply.get("error", ""))
+                raise LatchRefused(Cause(cause), reply.get("detail", reply.get("error", "")))
             code = reply.get("errno")
             raise OSError(code or errno.EIO, f"ipsecchan broker: {reply.get('error')}")
         d = reply["latch"]

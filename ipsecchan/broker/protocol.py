@@ -36,7 +36,7 @@ Broker -> client:
                                      list: as many as fit in a message; "next" to ask for more
     {"id": n, "ok": true, "ipsec": [...]}   lookup: one object per flow, as many as fit in a
                                      message, each in `ipsecchan ss --json`'s "ipsec" format
-    {"id": n, "ok": false, "error": "...", "errno": e|null, "cause": c|null}
+    {"id": n, "ok": false, "error": "...", "errno": e|null, "cause": c|null[, "detail": "..."]}
     {"event": "alert", "latch": LATCH, "old": s, "new": s, "cause": c|null, "detail": "...",
      "rekeyed": bool}                pushed to the client that owns the latch, and only to it
 

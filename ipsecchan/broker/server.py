@@ -234,9 +234,16 @@ def _same_socket(fd: int, ino: int, family: int = -1, type: int = -1,
 
 
 class RequestError(Exception):
-    def __init__(self, message: str, code: int | None = None, cause: str | None = None):
+    def __init__(self, message: str, code: int | None = None, cause: str | None = None,
+                 detail: str | None = None):
         super().__init__(message)
-        self.code, self.cause = code, cause
+        self.code, self.cause, self.detail = code, cause, detail
+
+    def reply(self) -> dict:
+        r = {"ok": False, "error": str(self), "errno": self.code, "cause": self.cause}
+        if self.detail is not None:
+            r["detail"] = self.detail       # a refusal's own words (LatchRefused.detail)
+        return r
 
 
 class ClientSocket:
@@ -753,7 +760,7 @@ class Broker:
             if reply is None:
                 return None
         except RequestError as exc:
-            reply = {"ok": False, "error": str(exc), "errno": exc.code, "cause": exc.cause}
+            reply = exc.reply()
         except Exception:         # a bug: answer, log, keep serving others
             log.exception("request from %s", client.label())
             reply = {"ok": False, "error": "internal error (logged by the broker)",
@@ -882,8 +889,7 @@ class Broker:
             if isinstance(result, BaseException):
                 ref.close()
                 if isinstance(result, RequestError):
-                    reply = {"ok": False, "error": str(result), "errno": result.code,
-                             "cause": result.cause}
+                    reply = result.reply()
                 else:             # a bug: answer, log, keep serving others
                     log.error("latch for %s", client.label(), exc_info=result)
                     reply = {"ok": False, "error": "internal error (logged by the broker)",
@@ -1011,7 +1017,8 @@ class Broker:
                     raise LatchRefused(Cause.PEER_CHANGED, exc.detail) from None
                 raise
         except LatchRefused as exc:
-            raise RequestError(str(exc), errno.ECONNREFUSED, exc.cause.value) from None
+            raise RequestError(str(exc), errno.ECONNREFUSED, exc.cause.value,
+                               exc.detail) from None
         except OSError as exc:
             raise RequestError(f"cannot latch: {exc.strerror or exc}",
                                exc.errno or errno.EIO) from None
