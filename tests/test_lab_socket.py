@@ -500,6 +500,15 @@ for name, addr in (("carol", sys.argv[1]), ("bob", sys.argv[2])):
     except socket.LatchRefused as exc:
         r[name] = {"refused": exc.cause.value}
     s.close()
+# TCP_FASTOPEN_CONNECT: connect() returns before the SYN, which goes with the first send:
+# the latch is made in between, before any packet.
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_TCP, 30, 1)
+s.settimeout(20)
+s.connect((sys.argv[2], 5000))
+s.sendall(b"fast open connect")
+r["bob_connect"] = [s.latch.state, s.recv(100).decode()]
+s.close()
 print(json.dumps(r))
 """
 
@@ -525,7 +534,8 @@ def test_a_fast_open_send_latches_before_its_data_leaves(lab, dropin):
                         "echo": "data in the SYN"}
     counts = [s.output().stdout.decode().split() for s in servers]
     assert counts[0] in ([], ["0"]), counts        # carol: no byte (at most a reset)
-    assert counts[1] == ["15"], counts
+    assert counts[1] == ["15", "17"], counts
+    assert r["bob_connect"] == ["ESTABLISHED", "fast open connect"]
 
 
 ON_DEMAND = r"""
