@@ -164,6 +164,10 @@ class Runtime:
     def release(self, handle, wait: bool = False) -> None:
         self.latcher.release(handle)        # (done when it returns, waited for or not)
 
+    def forget(self, handle) -> None:
+        """Let go of a latch without touching its socket (another process holds it too)."""
+        self.latcher.forget(handle)
+
     def is_latched(self, sock) -> bool:
         """Whether a latch of this process holds the socket (another descriptor of it)."""
         ino = os.fstat(sock.fileno()).st_ino
@@ -215,6 +219,38 @@ _runtime = None
 _runtime_lock = threading.Lock()
 _config: dict = {}
 _CAP_NET_ADMIN = 12
+# Forks so far in this process's line (counted in the parent and in the child): a latch made
+# before the last fork may be shared with another process (see fork_generation()).
+_generation = 0
+
+
+def fork_generation() -> int:
+    """Changes at every fork (os.fork, multiprocessing's fork; not subprocess, whose children
+    exec). A socket latched in an earlier generation is also the other process's: a release
+    must not clear its pins there (ipsecchan.socket lets go of the latch instead)."""
+    return _generation
+
+
+def _after_fork_in_parent() -> None:
+    global _generation
+    _generation += 1
+
+
+def _after_fork_in_child() -> None:
+    # The parent's backend is not the child's: its netlink, VICI and broker sockets are
+    # shared with the parent, whose notifications and replies the child would read. The child
+    # makes its own on first use. The old one is dropped, not closed: closing would release
+    # the parent's latches. Configured objects holding sockets go too (a StaticSource stays).
+    global _runtime, _runtime_lock, _generation
+    _runtime, _runtime_lock = None, threading.Lock()
+    _generation += 1
+    _config.pop("view", None)
+    if not isinstance(_config.get("identities"), StaticSource):
+        _config.pop("identities", None)
+
+
+os.register_at_fork(after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 def configure(*, identities=None, view=None, mode: str | None = None,
@@ -265,6 +301,11 @@ def _choose():
            f"{path} ({broker_error.strerror if broker_error else 'not tried'}) and this "
            "process lacks CAP_NET_ADMIN. Start `ipsecchan daemon` (or set IPSECCHAN_BROKER "
            "to its socket), or run with CAP_NET_ADMIN.")
+
+
+def current():
+    """The backend, if this process has made one (None: not yet, or a fork since)."""
+    return _runtime
 
 
 def get():

@@ -22,6 +22,8 @@ Closing resets it: nothing written after the refusal ever leaves (the reset itse
 only when nothing is queued; otherwise the peer's next packet is answered with one).
 An accepted connection that cannot be latched is closed and never returned by accept().
 A connected UDP socket connected again is another connection: its old latch goes first.
+After a fork, a socket latched before it is shared: closing it in either process lets go of
+the latch there without clearing the pins the other process relies on.
 sendto()/sendmsg() with MSG_FASTOPEN on a new TCP socket connect (and latch) first, then
 send: data in the SYN would leave before the latch.
 A latched, latching or refused socket's per-socket XFRM policies (IP_XFRM_POLICY,
@@ -186,7 +188,7 @@ class LatchInfo:
 class _Ipsec:
     """Per-socket latching state (kept apart from the socket's own attributes)."""
     __slots__ = ("policy", "require_peer", "handle", "ref", "callbacks", "lazy", "binding",
-                 "refused")
+                 "refused", "generation")
 
     def __init__(self, policy: int):
         self.policy = policy
@@ -197,6 +199,7 @@ class _Ipsec:
         self.lazy = False           # a non-blocking connect in progress: latch on first use
         self.binding: bytes | None | bool = False      # False: not computed yet
         self.refused = False        # latching refused: the kernel blocks the connection
+        self.generation = 0         # runtime.fork_generation() when latched (or refused)
 
 
 def _is_loopback(addr: str) -> bool:
@@ -302,7 +305,8 @@ class socket(_std.socket):
             self.__dict__.pop(name, None)        # a broken latch's raising methods
         if ips.refused:
             ips.refused = False
-            _runtime.get().abort(self)           # the refused connection's block goes
+            if not self._shared():
+                _runtime.get().abort(self)       # the refused connection's block goes
         ips.binding = False
         return True
 
@@ -341,6 +345,7 @@ class socket(_std.socket):
             return
         rt = _runtime.get()
         ref = _runtime.LatchedFd(self)
+        ips.generation = _runtime.fork_generation()
         try:
             # On refusal the backend blocks the connection: nothing of it may go out.
             handle = rt.latch(ref, self._requirements(), self._alert_callback())
@@ -389,6 +394,7 @@ class socket(_std.socket):
         if self._latchable() and ips.handle is None and not _is_loopback(
                 self.getsockname()[0]):
             ips.ref = _runtime.LatchedFd(self)
+            ips.generation = _runtime.fork_generation()
             ips.handle = _runtime.get().listen(ips.ref, self._requirements(),
                                                self._alert_callback())
 
@@ -416,15 +422,32 @@ class socket(_std.socket):
         if lh is None or not self._latchable() or _is_loopback(self.getpeername()[0]):
             return
         ref = _runtime.LatchedFd(self)
+        ips.generation = _runtime.fork_generation()
         ips.handle = _runtime.get().accept(lh, ref, self._alert_callback())
         ips.ref = ref
 
     # -- closing --
+    def _shared(self) -> bool:
+        """Latched (or refused) before a fork: the other process may hold this connection too,
+        and its pins or block are its protection there as well."""
+        return self._ipsec.generation != _runtime.fork_generation()
+
     def _release(self, wait: bool = False) -> None:
         ips = self.__dict__.get("_ipsec")
         if ips is None or ips.handle is None:
             return
         handle, ips.handle = ips.handle, None
+        if self._shared():
+            # Only let go of the latch here (its owner, if this process made it, stops
+            # following it); its pins stay for the other process's sake. A child does not
+            # touch its parent's latches at all.
+            rt = _runtime.current()
+            try:
+                if rt is not None:
+                    rt.forget(handle)
+            except Exception as exc:
+                _log.warning("letting go of a latch: %s", exc)
+            return
         try:
             _runtime.get().release(handle, wait=wait)
         except OSError as exc:
@@ -446,8 +469,8 @@ class socket(_std.socket):
         # wrote is queued: a retransmission in between would carry those bytes out. Else
         # the connection is reset behind the block (it is gone at once; the peer's next
         # packet is answered with a reset). UDP: closing sends nothing; the block stays.
-        if self.type & 0xF != SOCK_STREAM:
-            return
+        if self.type & 0xF != SOCK_STREAM or self._shared():
+            return      # (shared across a fork: the other process's copy stays blocked)
         try:
             self.setsockopt(SOL_SOCKET, SO_LINGER, b"\1\0\0\0\0\0\0\0")
             if _unsent(self) == 0:

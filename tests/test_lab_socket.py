@@ -644,3 +644,86 @@ def test_a_udp_socket_connected_again_is_latched_again(lab, dropin):
     assert r["bob_again"] == ["ESTABLISHED", link.b_id, "to bob again"]
     got = [s.output().stdout.decode().split() for s in servers]
     assert got == [["6", "12"], []], got                 # carol received nothing
+
+
+FORKING_SERVER = r"""
+import json, os, sys, time
+from ipsecchan import socket
+srv = socket.create_server((sys.argv[1], 5000))
+out = lambda **kw: print(json.dumps(kw), flush=True)
+pid = os.fork()
+if pid == 0:
+    # A pre-forked worker: it accepts through the inherited listener, with its own backend.
+    conn, _ = srv.accept()
+    conn.sendall(conn.recv(100))
+    out(who="worker", state=conn.latch.state, peer=conn.getpeerid())
+    conn.recv(10)
+    conn.close()
+    srv.close()             # its copy of the listener: the parent's pin must stay
+    os._exit(0)
+os.waitpid(pid, 0)
+conn, _ = srv.accept()
+out(who="parent", state=conn.latch.state, peer=conn.getpeerid(), listener=srv.latch.state)
+pid = os.fork()
+if pid == 0:
+    # A forked handler (socketserver.ForkingMixIn): the parent closes its copy at once.
+    time.sleep(0.5)
+    conn.sendall(conn.recv(100))
+    out(who="handler", state=conn.latch.state, peer=conn.getpeerid())
+    conn.recv(10)
+    os._exit(0)
+conn.close()                # the handler's connection must keep its pins
+out(who="parent", handed=True)
+time.sleep(60)
+"""
+
+TWO_CONNECTIONS = r"""
+import json, sys, time
+from ipsecchan import socket
+r = {}
+c1 = socket.create_connection((sys.argv[1], 5000), timeout=20)
+c1.sendall(b"one")
+r["one"] = c1.recv(10).decode()
+c1.close()
+c2 = socket.create_connection((sys.argv[1], 5000), timeout=20)
+time.sleep(1)
+c2.sendall(b"two")
+r["two"] = c2.recv(10).decode()
+print(json.dumps(r), flush=True)
+time.sleep(30)
+"""
+
+
+def _pinned_sockets(lab, host):
+    """Per-socket IN policies with a template on `host`: latch pins (listener or connection)."""
+    text = lab.run(host, ["ip", "xfrm", "policy"], check=True).text
+    entries = ["\n" + e for e in ("\n" + text).split("\nsrc ") if e.strip()]
+    return sum(1 for e in entries if "socket in" in e and "tmpl" in e)
+
+
+def test_forked_processes_keep_each_others_latches(lab, dropin):
+    # After a fork each process has its own backend (the parent's netlink, VICI and broker
+    # sockets are not the child's to read), and a socket latched before the fork is shared:
+    # closing it in one process must not clear the pins the other relies on (a worker
+    # closing its copy of the listener; a parent handing a connection to a forked handler).
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    server = dropin.spawn("bob", [lab.kernel.python, "-c", FORKING_SERVER, bob])
+    _wait_listening(lab, "bob", 5000)
+    client = dropin.spawn("alice", [lab.kernel.python, "-c", TWO_CONNECTIONS, bob])
+    assert _lines(client, 1)[0] == {"one": "one", "two": "two"}
+    lines = _lines(server, 4)
+    pins = _pinned_sockets(lab, "bob")
+    client.stop()
+    server.stop()
+    by = {(x["who"], "handed" in x): x for x in lines}
+    for who in ("worker", "parent", "handler"):
+        assert (by[who, False]["state"], by[who, False]["peer"]) == ("ESTABLISHED",
+                                                                     link.a_id), lines
+    assert by["parent", False]["listener"] == "LISTENER"
+    assert ("parent", True) in by
+    # The listener's pin and the handed-over connection's: neither cleared by a close in
+    # the other process.
+    assert pins == 2, pins

@@ -192,6 +192,11 @@ class BrokerClient:
         return self._latch_request(h, sock.fileno(), _request(requirements))
 
     def accept(self, listener: RemoteHandle, sock, on_alert=None):
+        if listener not in self._all:
+            # Another session's listener (inherited across a fork): its id is not this
+            # session's. The connection latches on its own, to the listener's requirements.
+            h = RemoteHandle(sock, "latch", listener.requirements, on_alert)
+            return self._latch_request(h, sock.fileno(), _request(listener.requirements))
         h = RemoteHandle(sock, "accept", listener.requirements, on_alert, listener)
         return self._latch_request(h, sock.fileno(), {"listener": listener.remote_id})
 
@@ -208,6 +213,18 @@ class BrokerClient:
         if not reply.get("ok"):
             raise OSError(reply.get("errno") or errno.EIO, f"ipsecchan broker: "
                                                            f"{reply.get('error')}")
+
+    def forget(self, handle: RemoteHandle) -> None:
+        """Let go of a latch here without a word to the broker, which keeps its pins on the
+        socket (another process holds it too); the broker drops the latch once this
+        process's descriptor is gone."""
+        with self._lock:
+            if handle not in self._all:
+                return              # not this session's (another process's, before a fork)
+            if self._handles.get(handle.remote_id) is handle:
+                del self._handles[handle.remote_id]
+            self._all.discard(handle)
+        handle.latch.state = LatchState.CLOSED
 
     def release(self, handle: RemoteHandle, wait: bool = False) -> None:
         """Release the latch. wait=True: return once the broker has cleared the socket's

@@ -503,6 +503,20 @@ class Latcher:
                     # Closed before its release: its policies went with it.
                 self._deliver(handle, [e for e in effects if isinstance(e, Alert)])
 
+    def forget(self, handle: LatchHandle) -> None:
+        """Close the latch without any effect on its socket: its pins stay (another process
+        holds the socket too, and its connection must not lose them), nobody here follows
+        it any more."""
+        with self.lock:
+            if self.handles.get(handle.id) is not handle:
+                return              # not this Latcher's (another process's, before a fork)
+            self._pending.discard(handle.id)
+            self.registry.remove(handle.id)
+            del self.handles[handle.id]
+            if handle.latch.state is not LatchState.CLOSED:
+                effects = handle.latch.close()
+                self._deliver(handle, [e for e in effects if isinstance(e, Alert)])
+
     def latches(self) -> list[LatchHandle]:
         """The live latches, listeners included (a copy: safe from any thread)."""
         with self.lock:
