@@ -2,6 +2,7 @@
 arithmetic, bad input, and pass-through of sockets that do not latch (loopback, Unix)."""
 import errno
 import hashlib
+import os
 import socket as std
 import struct
 
@@ -279,3 +280,24 @@ def test_the_application_cannot_replace_a_refused_connections_block():
         refused._ipsec.refused = False          # (closed as an ordinary socket)
         for s in [refused, other, *peers]:
             s.close()
+
+
+def test_a_forked_child_makes_a_backend_of_its_own(monkeypatch):
+    # The parent's backend holds its netlink, VICI and broker sockets: a child using it would
+    # read the parent's notifications and replies. The child starts without one; both count
+    # the fork (what was latched before it is shared).
+    from ipsecchan import runtime
+    parents = object()
+    monkeypatch.setattr(runtime, "_runtime", parents)
+    before = runtime.fork_generation()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ok = runtime.current() is None and runtime.fork_generation() == before + 1
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"1"
+    assert runtime.current() is parents and runtime.fork_generation() == before + 1
