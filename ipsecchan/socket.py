@@ -236,11 +236,14 @@ class socket(_std.socket):
             # A new TCP socket can connect through sendto()/sendmsg() with MSG_FASTOPEN,
             # without connect(): caught until it connects or listens (then they are plain
             # again: UDP's and connected sockets' sends run no Python code of this module).
-            ref = _weakref.ref(self)
-            self.sendto = _FastOpenCall(ref, socket._fastopen_sendto)
-            self.sendmsg = _FastOpenCall(ref, socket._fastopen_sendmsg)
+            self._catch_fast_open()
 
     # -- TCP Fast Open --
+    def _catch_fast_open(self) -> None:
+        ref = _weakref.ref(self)
+        self.sendto = _FastOpenCall(ref, socket._fastopen_sendto)
+        self.sendmsg = _FastOpenCall(ref, socket._fastopen_sendmsg)
+
     def _plain_sends(self) -> None:
         d = self.__dict__
         for name in ("sendto", "sendmsg"):
@@ -501,6 +504,8 @@ class socket(_std.socket):
         sock = type(self)(self.family, self.type, self.proto, fileno=_std.dup(self.fileno()))
         sock.settimeout(self.gettimeout())
         sock._ipsec.policy = self._ipsec.policy
+        if type(self.__dict__.get("sendto")) is _FastOpenCall:
+            sock._catch_fast_open()         # an unconnected TCP socket's copy
         return sock
 
     # -- break alerts --

@@ -301,3 +301,26 @@ def test_a_forked_child_makes_a_backend_of_its_own(monkeypatch):
     with os.fdopen(r, "rb") as f:
         assert f.read() == b"1"
     assert runtime.current() is parents and runtime.fork_generation() == before + 1
+
+
+def test_fast_open_is_caught_on_new_tcp_sockets_and_their_copies_only():
+    # sendto/sendmsg with MSG_FASTOPEN connect a TCP socket without connect(): the latch
+    # must come first (tests/test_lab_socket.py). Only unconnected TCP sockets (and their
+    # dup()s) carry the catching wrappers; UDP and connected sockets send with no Python.
+    def caught(s):
+        return type(s.__dict__.get("sendto")).__name__ == "_FastOpenCall"
+    s = socket.socket()
+    d = s.dup()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    assert caught(s) and caught(d) and not caught(u)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        c = socket.create_connection(srv.getsockname(), timeout=5)
+        conn, _ = srv.accept()
+        c2 = c.dup()
+        assert not any(map(caught, (srv, c, c2, conn)))
+        n = d.sendto(b"fast", socket.MSG_FASTOPEN, srv.getsockname())   # loopback: plain
+        assert n == 4 and not caught(d)
+        conn2, _ = srv.accept()
+        assert conn2.recv(4) == b"fast"
+        for x in (s, d, u, c, c2, conn, conn2):
+            x.close()
