@@ -14,9 +14,9 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _wait_listening(lab, host, port):
+def _wait_listening(lab, host, port, udp=False):
     for _ in range(100):
-        if f":{port} " in lab.run(host, ["ss", "-ltn"]).text:
+        if f":{port} " in lab.run(host, ["ss", "-lun" if udp else "-ltn"]).text:
             return
         lab.run(host, ["sleep", "0.1"])
     raise AssertionError(f"nothing listens on {host}:{port}")
@@ -526,7 +526,10 @@ def test_a_fast_open_send_latches_before_its_data_leaves(lab, dropin):
     for h in ("carol", "bob"):
         _wait_listening(lab, h, 5000)
     r = json.loads(dropin.python("alice", FAST_OPEN, carol, bob, check=True, timeout=60).text)
-    time.sleep(0.5)
+    end = time.monotonic() + 15         # bob's server prints as each connection ends
+    while len(servers[1].output().stdout.split()) < 2 and time.monotonic() < end:
+        time.sleep(0.1)
+    time.sleep(0.2)
     for s in servers:
         s.stop()
     assert r["carol"] == {"refused": "cleartext"}
@@ -634,7 +637,8 @@ def test_a_udp_socket_connected_again_is_latched_again(lab, dropin):
     bob, carol = lab.host("bob").addr(4), lab.host("carol").addr(4)
     servers = [lab.spawn(h, [lab.kernel.python, "-c", UDP_ECHO, a])
                for h, a in (("bob", bob), ("carol", carol))]
-    time.sleep(1)
+    for h in ("bob", "carol"):
+        _wait_listening(lab, h, 5001, udp=True)
     r = json.loads(dropin.python("alice", UDP_AGAIN, bob, carol, check=True, timeout=60).text)
     for s in servers:
         s.stop()
