@@ -20,11 +20,12 @@ import socket as _std
 import threading
 import time
 import weakref
+from dataclasses import replace
 
 from ipsecchan.ike import ChainSource, StaticSource, StrongSwanSource
 from ipsecchan.latch.engine import Latcher, packet_family
 from ipsecchan.latch.enforce import apply
-from ipsecchan.latch.machine import Block, LatchRefused
+from ipsecchan.latch.machine import Block, Cause, LatchRefused, conflict
 from ipsecchan.xfrm import clear_socket_policies
 
 log = logging.getLogger("ipsecchan")
@@ -147,12 +148,25 @@ class Runtime:
                 self.status = None
 
     # -- the backend interface ipsecchan.socket uses (the broker client has the same) --
-    def latch(self, sock, requirements, on_alert=None):
+    def latch(self, sock, requirements, on_alert=None, expect=None):
+        """`expect`: the parameters the connection was latched to before (by a parent
+        process): the new latch must carry the same peer (and key) and no weaker
+        protection, or it is refused, and the connection blocked."""
+        implied = expect is not None and expect.protected and requirements.peer_id is None
+        req = replace(requirements, peer_id=expect.peer.id) if implied else requirements
         try:
-            return self.latcher.latch(sock, requirements, on_alert)
+            handle = self.latcher.latch(sock, req, on_alert)
+            cause, detail = conflict(handle.latch.params, expect, req) \
+                if expect is not None else (None, "")
+            if cause is not None:
+                self.latcher.forget(handle)         # (blocked below, not released)
+                raise LatchRefused(cause, detail)
+            return handle
         except LatchRefused as exc:
             # Nothing of the connection may leave (the engine released its pin): block it.
             apply(sock, Block(exc.cause), packet_family(sock))
+            if implied and exc.cause is Cause.PEER_NOT_REQUIRED:
+                raise LatchRefused(Cause.PEER_CHANGED, exc.detail) from None
             raise
 
     def listen(self, sock, requirements, on_alert=None):
@@ -222,6 +236,12 @@ _CAP_NET_ADMIN = 12
 # Forks so far in this process's line (counted in the parent and in the child): a latch made
 # before the last fork may be shared with another process (see fork_generation()).
 _generation = 0
+_pid = os.getpid()
+
+
+def pid() -> int:
+    """This process's id, kept across forks without a system call per question."""
+    return _pid
 
 
 def fork_generation() -> int:
@@ -241,9 +261,10 @@ def _after_fork_in_child() -> None:
     # shared with the parent, whose notifications and replies the child would read. The child
     # makes its own on first use. The old one is dropped, not closed: closing would release
     # the parent's latches. Configured objects holding sockets go too (a StaticSource stays).
-    global _runtime, _runtime_lock, _generation
+    global _runtime, _runtime_lock, _generation, _pid
     _runtime, _runtime_lock = None, threading.Lock()
     _generation += 1
+    _pid = os.getpid()
     _config.pop("view", None)
     if not isinstance(_config.get("identities"), StaticSource):
         _config.pop("identities", None)

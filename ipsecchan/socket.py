@@ -23,7 +23,8 @@ only when nothing is queued; otherwise the peer's next packet is answered with o
 An accepted connection that cannot be latched is closed and never returned by accept().
 A connected UDP socket connected again is another connection: its old latch goes first.
 After a fork, a socket latched before it is shared: closing it in either process lets go of
-the latch there without clearing the pins the other process relies on.
+the latch there without clearing the pins the other process relies on; the child adopts an
+inherited latch (latches the connection itself, to the same peer) when it first reads it.
 sendto()/sendmsg() with MSG_FASTOPEN on a new TCP socket connect (and latch) first, then
 send: data in the SYN would leave before the latch.
 A latched, latching or refused socket's per-socket XFRM policies (IP_XFRM_POLICY,
@@ -188,7 +189,7 @@ class LatchInfo:
 class _Ipsec:
     """Per-socket latching state (kept apart from the socket's own attributes)."""
     __slots__ = ("policy", "require_peer", "handle", "ref", "callbacks", "lazy", "binding",
-                 "refused", "generation")
+                 "refused", "generation", "pid")
 
     def __init__(self, policy: int):
         self.policy = policy
@@ -200,6 +201,7 @@ class _Ipsec:
         self.binding: bytes | None | bool = False      # False: not computed yet
         self.refused = False        # latching refused: the kernel blocks the connection
         self.generation = 0         # runtime.fork_generation() when latched (or refused)
+        self.pid = 0                # runtime.pid() of the process whose latch it is
 
 
 def _is_loopback(addr: str) -> bool:
@@ -340,7 +342,7 @@ class socket(_std.socket):
             self._arm_lazy()
         return rc
 
-    def _latch_connected(self) -> None:
+    def _latch_connected(self, expect=None) -> None:
         ips = self._ipsec
         if not self._latchable() or ips.handle is not None:
             return
@@ -348,10 +350,11 @@ class socket(_std.socket):
             return
         rt = _runtime.get()
         ref = _runtime.LatchedFd(self)
-        ips.generation = _runtime.fork_generation()
+        ips.generation, ips.pid = _runtime.fork_generation(), _runtime.pid()
         try:
             # On refusal the backend blocks the connection: nothing of it may go out.
-            handle = rt.latch(ref, self._requirements(), self._alert_callback())
+            handle = rt.latch(ref, self._requirements(), self._alert_callback(),
+                              **({"expect": expect} if expect is not None else {}))
         except LatchRefused as exc:
             ips.refused = True
             exc.errno = _errno.ECONNREFUSED
@@ -377,7 +380,12 @@ class socket(_std.socket):
         return call
 
     def _finish_lazy(self) -> None:
+        """Before the latch is read: the latch of a non-blocking connect, made now that it is
+        connected; an inherited latch, adopted."""
         ips = self._ipsec
+        if ips.generation != _runtime.fork_generation() and ips.handle is not None \
+                and ips.pid != _runtime.pid():
+            self._adopt()
         if not ips.lazy:
             return
         try:
@@ -389,6 +397,35 @@ class socket(_std.socket):
             self.__dict__.pop(name, None)
         self._latch_connected()
 
+    def _adopt(self) -> None:
+        """A latch inherited across a fork is the parent's: nobody in this process follows
+        it, and its state is as of the fork. This process latches the connection itself,
+        to what it was latched to (the same peer and key, no weaker protection: anything
+        else is refused and the connection blocked, as for any latch). A listener's latch is
+        kept: accept() makes its connections' latches here."""
+        ips = self._ipsec
+        old = ips.handle
+        if old.latch.state is LatchState.LISTENER:
+            ips.pid = _runtime.pid()
+            return
+        ips.handle, ips.binding = None, False
+        for name in _DATA_METHODS:
+            self.__dict__.pop(name, None)        # the parent's broken latch's raisers
+        params, inherited = old.latch.params, ips.generation
+        try:
+            self._latch_connected(expect=params if params is not None and
+                                  old.latch.state is not LatchState.CLOSED else None)
+        except LatchRefused as exc:
+            # Blocked by the backend: the data calls say so, as for a broken latch.
+            cause = exc.cause.value
+            for name in _DATA_METHODS:
+                setattr(self, name, _raiser(cause, exc.detail))
+        except OSError as exc:
+            _log.warning("latching an inherited connection: %s", exc)
+        finally:
+            # Still shared with the parent: closing it here must not clear its pins there.
+            ips.generation, ips.pid = inherited, _runtime.pid()
+
     # -- listening and accepting --
     def listen(self, *args):
         self._plain_sends()
@@ -397,7 +434,7 @@ class socket(_std.socket):
         if self._latchable() and ips.handle is None and not _is_loopback(
                 self.getsockname()[0]):
             ips.ref = _runtime.LatchedFd(self)
-            ips.generation = _runtime.fork_generation()
+            ips.generation, ips.pid = _runtime.fork_generation(), _runtime.pid()
             ips.handle = _runtime.get().listen(ips.ref, self._requirements(),
                                                self._alert_callback())
 
@@ -425,7 +462,7 @@ class socket(_std.socket):
         if lh is None or not self._latchable() or _is_loopback(self.getpeername()[0]):
             return
         ref = _runtime.LatchedFd(self)
-        ips.generation = _runtime.fork_generation()
+        ips.generation, ips.pid = _runtime.fork_generation(), _runtime.pid()
         ips.handle = _runtime.get().accept(lh, ref, self._alert_callback())
         ips.ref = ref
 

@@ -670,11 +670,15 @@ conn, _ = srv.accept()
 out(who="parent", state=conn.latch.state, peer=conn.getpeerid(), listener=srv.latch.state)
 pid = os.fork()
 if pid == 0:
-    # A forked handler (socketserver.ForkingMixIn): the parent closes its copy at once.
+    # A forked handler (socketserver.ForkingMixIn): the parent closes its copy at once. The
+    # handler adopts the inherited latch (its backend follows it from then on).
     time.sleep(0.5)
     conn.sendall(conn.recv(100))
     out(who="handler", state=conn.latch.state, peer=conn.getpeerid())
-    conn.recv(10)
+    end = time.monotonic() + 30
+    while conn.latch.state != "BROKEN" and time.monotonic() < end:
+        time.sleep(0.05)
+    out(who="handler", followed=conn.latch.state, cause=conn.latch.cause)
     os._exit(0)
 conn.close()                # the handler's connection must keep its pins
 out(who="parent", handed=True)
@@ -720,14 +724,18 @@ def test_forked_processes_keep_each_others_latches(lab, dropin):
     assert _lines(client, 1)[0] == {"one": "one", "two": "two"}
     lines = _lines(server, 4)
     pins = _pinned_sockets(lab, "bob")
+    lab.run("bob", ["ip", "xfrm", "state", "flush"], check=True)
+    lines = _lines(server, 5)
     client.stop()
     server.stop()
-    by = {(x["who"], "handed" in x): x for x in lines}
+    by = {(x["who"], "handed" in x or "followed" in x): x for x in lines}
     for who in ("worker", "parent", "handler"):
         assert (by[who, False]["state"], by[who, False]["peer"]) == ("ESTABLISHED",
                                                                      link.a_id), lines
     assert by["parent", False]["listener"] == "LISTENER"
     assert ("parent", True) in by
+    # The handler follows the connection itself: the SAs flushed, its latch breaks.
+    assert by["handler", True] == {"who": "handler", "followed": "BROKEN", "cause": "no-sa"}
     # The listener's pin and the handed-over connection's: neither cleared by a close in
     # the other process.
     assert pins == 2, pins

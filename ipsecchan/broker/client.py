@@ -183,9 +183,14 @@ class BrokerClient:
             self._all.add(handle)
         return handle
 
-    def latch(self, sock, requirements: Requirements = Requirements(), on_alert=None):
+    def latch(self, sock, requirements: Requirements = Requirements(), on_alert=None,
+              expect=None):
+        """`expect`: as Runtime.latch (the broker checks it, and blocks on a mismatch)."""
         h = RemoteHandle(sock, "latch", requirements, on_alert)
-        return self._latch_request(h, sock.fileno(), _request(requirements))
+        extra = _request(requirements)
+        if expect is not None:
+            extra["expect"] = protocol.params_json(expect)
+        return self._latch_request(h, sock.fileno(), extra)
 
     def listen(self, sock, requirements: Requirements = Requirements(), on_alert=None):
         h = RemoteHandle(sock, "listen", requirements, on_alert)
