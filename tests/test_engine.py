@@ -449,3 +449,36 @@ def test_an_ipv4_connection_of_an_ipv6_socket_is_latched_and_blocked_as_ipv4():
         apply_all(conn, [Release()], flow.family)
         c.settimeout(5)
         assert c.recv(16) == b"held"      # retransmitted once the block went
+
+
+def test_latching_again_to_what_was_latched_before(monkeypatch):
+    # A forked child adopting its parent's latch (ipsecchan.socket) latches with `expect`: the
+    # same peer, or refused and blocked. Here mallory's SAs have replaced bob's since.
+    from dataclasses import replace as replace_
+    from ipsecchan.runtime import Runtime
+    monkeypatch.setattr("ipsecchan.latch.status.StatusServer.start", lambda self: None)
+    lat, view, src = _world()
+    first = lat.latch(Sock(40010))
+    bob = first.latch.params
+    rt = Runtime(src, view)
+    try:
+        again = rt.latch(Sock(40011), Requirements(), expect=bob)
+        assert again.state is LatchState.ESTABLISHED and again.latch.params.peer.id == "bob"
+        # A latch to another peer than expected is refused before anything is pinned to it.
+        other = replace_(bob, peer=replace_(bob.peer, id="carol"))
+        s = Sock(40012)
+        with pytest.raises(LatchRefused) as exc:
+            rt.latch(s, Requirements(), expect=other)
+        assert exc.value.cause is Cause.PEER_CHANGED
+        assert s.ops[-2:] == [("out", None, "block"), ("in", None, "block")]
+        # Same peer, weaker protection than expected: refused after latching, blocked.
+        stronger = replace_(bob, protection=tuple(replace_(p, cipher_bits=512)
+                                                  for p in bob.protection))
+        s = Sock(40013)
+        with pytest.raises(LatchRefused) as exc:
+            rt.latch(s, Requirements(), expect=stronger)
+        assert exc.value.cause is Cause.PROTECTION_WEAKER
+        assert s.ops[-2:] == [("out", None, "block"), ("in", None, "block")]
+        assert [h for h in rt.latcher.latches() if h.sock is s] == []
+    finally:
+        rt.close()
