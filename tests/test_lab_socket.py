@@ -513,18 +513,26 @@ print(json.dumps(r))
 """
 
 
+def _bob_and_carol(lab, server: str, port: int, udp: bool = False):
+    """alice with an IKE link (certificates) to bob, and carol reached in clear; the server
+    code `server` (its address as argv[1]) listening on `port` on bob and on carol.
+    Returns (link, bob's address, carol's, [bob's server, carol's])."""
+    for name in ("alice", "bob", "carol"):
+        lab.add_host(name)
+    link = lab.ike("alice", "bob", auth="cert")
+    bob, carol = lab.host("bob").addr(4), lab.host("carol").addr(4)
+    servers = [lab.spawn(h, [lab.kernel.python, "-c", server, a])
+               for h, a in (("bob", bob), ("carol", carol))]
+    for h in ("bob", "carol"):
+        _wait_listening(lab, h, port, udp)
+    return link, bob, carol, servers
+
+
 def test_a_fast_open_send_latches_before_its_data_leaves(lab, dropin):
     # sendto(MSG_FASTOPEN) connects without connect(): it is made a connect (and latch)
     # followed by the send. Carol (no IPsec) is refused before any byte reaches her.
-    lab.add_host("alice")
-    lab.add_host("bob")
-    lab.add_host("carol")
-    link = lab.ike("alice", "bob", auth="cert")
-    carol, bob = lab.host("carol").addr(4), lab.host("bob").addr(4)
-    servers = [lab.spawn(h, [lab.kernel.python, "-c", COUNTING_SERVER, a])
-               for h, a in (("carol", carol), ("bob", bob))]
-    for h in ("carol", "bob"):
-        _wait_listening(lab, h, 5000)
+    link, bob, carol, (bob_server, carol_server) = _bob_and_carol(lab, COUNTING_SERVER, 5000)
+    servers = [carol_server, bob_server]
     r = json.loads(dropin.python("alice", FAST_OPEN, carol, bob, check=True, timeout=60).text)
     end = time.monotonic() + 15         # bob's server prints as each connection ends
     while len(servers[1].output().stdout.split()) < 2 and time.monotonic() < end:
@@ -630,15 +638,7 @@ print(json.dumps(r))
 def test_a_udp_socket_connected_again_is_latched_again(lab, dropin):
     # RFC 5660 5.2: a connected UDP socket's connection is its 5-tuple; connect() again is
     # another one. The old latch (bob's) must not carry over to carol.
-    lab.add_host("alice")
-    lab.add_host("bob")
-    lab.add_host("carol")
-    link = lab.ike("alice", "bob", auth="cert")
-    bob, carol = lab.host("bob").addr(4), lab.host("carol").addr(4)
-    servers = [lab.spawn(h, [lab.kernel.python, "-c", UDP_ECHO, a])
-               for h, a in (("bob", bob), ("carol", carol))]
-    for h in ("bob", "carol"):
-        _wait_listening(lab, h, 5001, udp=True)
+    link, bob, carol, servers = _bob_and_carol(lab, UDP_ECHO, 5001, udp=True)
     r = json.loads(dropin.python("alice", UDP_AGAIN, bob, carol, check=True, timeout=60).text)
     for s in servers:
         s.stop()
