@@ -20,12 +20,11 @@ import socket as _std
 import threading
 import time
 import weakref
-from dataclasses import replace
 
 from ipsecchan.ike import ChainSource, StaticSource, StrongSwanSource
 from ipsecchan.latch.engine import Latcher, packet_family
 from ipsecchan.latch.enforce import apply
-from ipsecchan.latch.machine import Block, Cause, LatchRefused, conflict
+from ipsecchan.latch.machine import Block, LatchRefused
 from ipsecchan.xfrm import clear_socket_policies
 
 log = logging.getLogger("ipsecchan")
@@ -149,24 +148,12 @@ class Runtime:
 
     # -- the backend interface ipsecchan.socket uses (the broker client has the same) --
     def latch(self, sock, requirements, on_alert=None, expect=None):
-        """`expect`: the parameters the connection was latched to before (by a parent
-        process): the new latch must carry the same peer (and key) and no weaker
-        protection, or it is refused, and the connection blocked."""
-        implied = expect is not None and expect.protected and requirements.peer_id is None
-        req = replace(requirements, peer_id=expect.peer.id) if implied else requirements
+        """`expect`: as Latcher.latch (a forked child adopting its parent's latch)."""
         try:
-            handle = self.latcher.latch(sock, req, on_alert)
-            cause, detail = conflict(handle.latch.params, expect, req) \
-                if expect is not None else (None, "")
-            if cause is not None:
-                self.latcher.forget(handle)         # (blocked below, not released)
-                raise LatchRefused(cause, detail)
-            return handle
+            return self.latcher.latch(sock, requirements, on_alert, expect=expect)
         except LatchRefused as exc:
             # Nothing of the connection may leave (the engine released its pin): block it.
             apply(sock, Block(exc.cause), packet_family(sock))
-            if implied and exc.cause is Cause.PEER_NOT_REQUIRED:
-                raise LatchRefused(Cause.PEER_CHANGED, exc.detail) from None
             raise
 
     def listen(self, sock, requirements, on_alert=None):

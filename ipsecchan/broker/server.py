@@ -58,12 +58,12 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ipsecchan.broker import protocol
 from ipsecchan.latch.enforce import apply, unsent
 from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, Policy,
-                                     Requirements, conflict)
+                                     Requirements)
 from ipsecchan.latch.engine import Latcher, LatchWouldWait, packet_family
 from ipsecchan.xfrm import clear_socket_policies
 from ipsecchan.xfrm.lookup import Flow
@@ -989,21 +989,9 @@ class Broker:
                 if ref.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) != listener.mark:
                     raise RequestError("not a connection of that listener", errno.EINVAL)
                 return self.latcher.accept(listener, ref, wait=wait)
-            implied = expect is not None and expect.protected and req.peer_id is None
-            if implied:
-                # Latching again what was latched before (the broker restarted): another
-                # peer is refused before anything of it is pinned.
-                req = replace(req, peer_id=expect.peer.id)
             try:
-                handle = self.latcher.latch(ref, req, wait=wait)
-                cause, detail = conflict(handle.latch.params, expect, req) \
-                    if expect is not None else (None, "")
-                if cause is not None:        # same peer, another key; weaker protection
-                    apply(ref, Block(cause), _family_of(handle, ref))
-                    handle.sock = _Detached(ref.family)     # closed, the block stays
-                    self.latcher.release(handle)
-                    raise LatchRefused(cause, detail)
-                return handle
+                # expect: latching again what was latched before (the broker restarted).
+                return self.latcher.latch(ref, req, wait=wait, expect=expect)
             except LatchWouldWait:
                 raise                # nothing latched: made again, waiting, by a worker
             except BaseException as exc:
@@ -1013,8 +1001,6 @@ class Broker:
                     apply(ref, Block(cause), packet_family(ref))
                 except OSError as err:
                     log.warning("blocking a connection that did not latch: %s", err)
-                if implied and cause is Cause.PEER_NOT_REQUIRED:
-                    raise LatchRefused(Cause.PEER_CHANGED, exc.detail) from None
                 raise
         except LatchRefused as exc:
             raise RequestError(str(exc), errno.ECONNREFUSED, exc.cause.value,

@@ -26,9 +26,9 @@ from typing import Callable
 
 from ipsecchan.ike.base import IdentitySource, SAIdentity, State
 from ipsecchan.latch.enforce import apply_all, apply_tracked
-from ipsecchan.latch.machine import (Alert, Block, Cause, Latch, LatchRefused, LatchState,
-                                     Observation, Party, Policy, Release, Requirements,
-                                     SAFacts)
+from ipsecchan.latch.machine import (Alert, Block, Cause, Latch, LatchParams, LatchRefused,
+                                     LatchState, Observation, Party, Policy, Release,
+                                     Requirements, SAFacts, conflict)
 from ipsecchan.latch.protection import Protection
 from ipsecchan.latch.registry import LatchRegistry
 from ipsecchan.xfrm import Template, set_socket_policy
@@ -388,16 +388,37 @@ class Latcher:
     # -- latching --
     def latch(self, sock: socket.socket, requirements: Requirements = Requirements(),
               on_alert: Callable[[LatchHandle, Alert], None] | None = None, *,
-              mark: int | None = None, wait: bool = True) -> LatchHandle:
+              mark: int | None = None, wait: bool = True,
+              expect: LatchParams | None = None) -> LatchHandle:
         """Latch a connected socket, or raise LatchRefused (the socket is then released).
         wait=False: raise LatchWouldWait (nothing latched, the socket released) instead of
         waiting for the identity source to name new SAs (up to IDENTITY_GRACE) or for the
-        SAs a policy asks for (up to SA_GRACE)."""
+        SAs a policy asks for (up to SA_GRACE).
+        `expect`: the parameters the connection was latched to before (the broker restarted;
+        a forked child adopts its parent's latch). The latch must carry the same peer (and
+        key) and no weaker protection: another peer is refused (PEER_CHANGED) before anything
+        of it is pinned; a mismatch found once latched is refused with the connection
+        blocked."""
         flow = flow_of(sock, mark)
+        implied = expect is not None and expect.protected and requirements.peer_id is None
+        req = replace(requirements, peer_id=expect.peer.id) if implied else requirements
         with self.lock:
-            latch = Latch.connector(requirements)
-            return self._establish(sock, flow, latch, lambda obs: latch.begin(obs), on_alert,
-                                   wait=wait)
+            latch = Latch.connector(req)
+            try:
+                handle = self._establish(sock, flow, latch, lambda obs: latch.begin(obs),
+                                         on_alert, wait=wait)
+            except LatchRefused as exc:
+                if implied and exc.cause is Cause.PEER_NOT_REQUIRED:
+                    raise LatchRefused(Cause.PEER_CHANGED, exc.detail) from None
+                raise
+            if expect is not None:
+                cause, detail = conflict(handle.latch.params, expect, req)
+                if cause is not None:        # same peer, another key; weaker protection
+                    # Blocked before the latch goes (forget: its pins are not cleared first).
+                    apply_all(sock, [Block(cause)], flow.family)
+                    self.forget(handle)
+                    raise LatchRefused(cause, detail)
+            return handle
 
     def listen(self, sock: socket.socket, requirements: Requirements = Requirements(),
                on_alert: Callable[[LatchHandle, Alert], None] | None = None) -> LatchHandle:
