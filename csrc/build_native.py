@@ -187,6 +187,35 @@ struct ipsecchan_xidx_flow { char local[16]; char remote[16]; uint32_t mark; uin
 int64_t ipsecchan_xidx_bench(const struct ipsecchan_xidx *idx,
                              const struct ipsecchan_xidx_flow *flows, size_t nflows,
                              size_t rounds, unsigned defaults, uint64_t *ns_out);
+int64_t ipsecchan_xidx_sa_set_tag(struct ipsecchan_xidx *idx, uint64_t handle, uint32_t tag);
+uint32_t ipsecchan_xidx_sa_tag(const struct ipsecchan_xidx *idx, uint64_t handle);
+void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *idx);
+#define IPSECCHAN_XIDX_FOLLOW_IN ...
+#define IPSECCHAN_XIDX_TAG_MAX ...
+#define IPSECCHAN_XIDX_KEEP ...
+#define IPSECCHAN_XIDX_MOVED ...
+#define IPSECCHAN_XIDX_INBOUND ...
+#define IPSECCHAN_XIDX_NEED ...
+#define IPSECCHAN_XIDX_SLOW ...
+struct ipsecchan_xidx_sakey { char dst[16]; uint32_t spi; uint32_t reqid; uint16_t family;
+    uint8_t proto; ...; };
+struct ipsecchan_xidx_follow { struct ipsecchan_xidx_flow flow; uint32_t tag; uint32_t nin;
+    struct ipsecchan_xidx_sakey out; struct ipsecchan_xidx_sakey in[4]; ...; };
+struct ipsecchan_xfollow;
+struct ipsecchan_xfollow *ipsecchan_xfollow_new(void);
+void ipsecchan_xfollow_free(struct ipsecchan_xfollow *t);
+size_t ipsecchan_xfollow_memory(const struct ipsecchan_xfollow *t);
+int64_t ipsecchan_xfollow_set(struct ipsecchan_xfollow *t, uint32_t slot,
+                              const struct ipsecchan_xidx_follow *f);
+int64_t ipsecchan_xfollow_get(const struct ipsecchan_xfollow *t, uint32_t slot,
+                              struct ipsecchan_xidx_follow *out);
+void ipsecchan_xfollow_drop(struct ipsecchan_xfollow *t, uint32_t slot);
+int64_t ipsecchan_xfollow_revalidate(struct ipsecchan_xfollow *t,
+                                     const struct ipsecchan_xidx *idx, const uint32_t *slots,
+                                     size_t n, unsigned defaults, uint8_t *codes,
+                                     uint8_t *nsas, uint64_t *handles);
+void ipsecchan_xidx_set_tags(struct ipsecchan_xidx *idx, const uint64_t *handles,
+                             const uint32_t *tags, size_t n, uint8_t *done);
 """
 
 ffibuilder = FFI()

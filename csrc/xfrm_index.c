@@ -57,9 +57,10 @@ struct hdr {
     uint32_t serial, msg_len;
 };
 
-/* SA selector summary bits */
+/* SA summary bits */
 #define SEL_OUT_ANY 1u               /* sel.family == 0: matches every OUT flow */
 #define SEL_IN_ANY 2u                /* no mask, prefix, proto or ifindex: matches every flow */
+#define SA_DYING 4u                  /* soft-expired: ranked after the others for OUT */
 
 struct xsa {
     struct hdr h;
@@ -69,7 +70,8 @@ struct xsa {
     u128 src;
     uint32_t reqid, mark_v, mark_m, if_id;
     uint16_t family;
-    uint8_t proto, mode, flags, dying, selbits;
+    uint8_t proto, mode, flags, bits;    /* bits: SEL_*, SA_DYING */
+    uint16_t tag;                    /* the caller's class label (0: none), see sa_set_tag */
     alignas(8) uint8_t msg[];        /* xfrm_usersa_info + attributes, keys cut off */
 };
 
@@ -133,6 +135,7 @@ struct ipsecchan_xidx {
 };
 
 static inline struct hdr *rec(const struct store *s, uint32_t slot) { return s->v[slot]; }
+static inline int dying(const struct xsa *e) { return (e->bits & SA_DYING) != 0; }
 
 static inline struct xsa *sa_rec(const struct ipsecchan_xidx *x, uint32_t slot)
 {
@@ -635,7 +638,7 @@ static int sa_build(struct ipsecchan_xidx *x, const uint8_t *pl, size_t len, siz
     e->mark_m = a.mark_m;
     e->if_id = a.if_id;
     const struct xfrm_selector *sel = &in.sel;
-    e->selbits = (sel->family == 0 ? SEL_OUT_ANY : 0) |
+    e->bits = (sel->family == 0 ? SEL_OUT_ANY : 0) |
         (!sel->dport_mask && !sel->sport_mask && !sel->proto && !sel->ifindex &&
          !sel->prefixlen_d && !sel->prefixlen_s ? SEL_IN_ANY : 0);
     *out = e;
@@ -687,7 +690,8 @@ static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now,
         struct xsa *old = sa_rec(x, slot);
         /* An update keeps the SA's place (its sequence number) and its dying mark. */
         e->seq = old->seq;
-        e->dying = old->dying || soft_expired(in, now);
+        if ((old->bits & SA_DYING) || soft_expired(in, now))
+            e->bits |= SA_DYING;
         c->old_handle = handle_of(old->h.serial, slot);
         c->handle = handle_of(e->h.serial, slot);
         store_unlink_all(x, s, slot);
@@ -701,7 +705,8 @@ static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now,
         return IPSECCHAN_XIDX_ENOMEM;
     }
     e->seq = x->seq;
-    e->dying = (uint8_t)soft_expired(in, now);
+    if (soft_expired(in, now))
+        e->bits |= SA_DYING;
     slot = store_take_slot(s);
     s->v[slot] = &e->h;
     s->n++;
@@ -1066,7 +1071,7 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
                 c->old_handle = handle_of(sa_rec(x, slot)->h.serial, slot);
                 store_drop(x, &x->sa, slot);
             } else {
-                sa_rec(x, slot)->dying = 1;
+                sa_rec(x, slot)->bits |= SA_DYING;
                 c->handle = handle_of(sa_rec(x, slot)->h.serial, slot);
             }
         }
@@ -1339,7 +1344,7 @@ static int out_candidate(const struct xsa *e, const struct tmplc *t, const struc
     u128 sd = cmpv(fam, e->dst), ss = cmpv(fam, e->src), fs = cmpv(fam, src);
     if (cmpv(fam, dst) != sd || !(fs == ss || fs == 0 || ss == 0))
         return 0;
-    if (e->selbits & SEL_OUT_ANY)
+    if (e->bits & SEL_OUT_ANY)
         return 1;
     const struct xfrm_selector *sel = &SAI(e)->sel;
     return sel->family == f->family &&
@@ -1363,7 +1368,7 @@ static int in_accepts(const struct xsa *e, const struct tmplc *t, const struct x
         (t->spi && e->spi != t->spi) || (t->reqid && e->reqid != t->reqid) ||
         (pol->if_id && e->if_id != pol->if_id))
         return 0;
-    if (e->selbits & SEL_IN_ANY)
+    if (e->bits & SEL_IN_ANY)
         return 1;
     const struct xfrm_selector *sel = &SAI(e)->sel;
     return sel_match(sel, norm(sel->family, &sel->saddr), norm(sel->family, &sel->daddr), f, 0);
@@ -1465,8 +1470,8 @@ static int out_path(const struct ipsecchan_xidx *x, const struct flowc *f,
                 const struct xsa *e = sa_rec(x, i);
                 /* rank: not dying, then the newest add_time, then the latest inserted */
                 if (out_candidate(e, &t, pol, f, dst, src) &&
-                    (!best || (!e->dying > !best->dying) ||
-                     (!e->dying == !best->dying &&
+                    (!best || (!dying(e) > !dying(best)) ||
+                     (!dying(e) == !dying(best) &&
                       (SAI(e)->curlft.add_time > SAI(best)->curlft.add_time ||
                        (SAI(e)->curlft.add_time == SAI(best)->curlft.add_time &&
                         e->seq > best->seq)))))
@@ -1869,7 +1874,7 @@ int64_t ipsecchan_xidx_sa_info(const struct ipsecchan_xidx *x, uint64_t handle,
     out->proto = e->proto;
     out->mode = e->mode;
     out->flags = e->flags;
-    out->dying = e->dying;
+    out->dying = (uint8_t)dying(e);
     memcpy(out->dst, &in.id.daddr, 16);
     memcpy(out->src, &in.saddr, 16);
     unsigned full = fam_bits(in.sel.family);
@@ -1898,4 +1903,194 @@ int64_t ipsecchan_xidx_sa_info(const struct ipsecchan_xidx *x, uint64_t handle,
     }
     out->prot_len = (uint32_t)w;
     return 0;
+}
+
+
+/* ---- class tags and followed flows: revalidating latches in one call ---- */
+
+int64_t ipsecchan_xidx_sa_set_tag(struct ipsecchan_xidx *x, uint64_t handle, uint32_t tag)
+{
+    struct xsa *e = (struct xsa *)resolve(&x->sa, handle);
+    if (!e || tag > IPSECCHAN_XIDX_TAG_MAX)
+        return -1;
+    e->tag = (uint16_t)tag;
+    return 0;
+}
+
+uint32_t ipsecchan_xidx_sa_tag(const struct ipsecchan_xidx *x, uint64_t handle)
+{
+    const struct xsa *e = (const struct xsa *)resolve(&x->sa, handle);
+    return e ? e->tag : 0;
+}
+
+void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *x)
+{
+    for (uint32_t i = 0; i < x->sa.top; i++)
+        if (x->sa.v[i])
+            sa_rec(x, i)->tag = 0;
+}
+
+struct ipsecchan_xfollow {
+    struct ipsecchan_xidx_follow *v;     /* by slot; tag 0: not followed */
+    uint32_t cap;
+};
+
+struct ipsecchan_xfollow *ipsecchan_xfollow_new(void)
+{
+    return calloc(1, sizeof(struct ipsecchan_xfollow));
+}
+
+void ipsecchan_xfollow_free(struct ipsecchan_xfollow *t)
+{
+    if (t) {
+        free(t->v);
+        free(t);
+    }
+}
+
+size_t ipsecchan_xfollow_memory(const struct ipsecchan_xfollow *t)
+{
+    return sizeof *t + (size_t)t->cap * sizeof *t->v;
+}
+
+int64_t ipsecchan_xfollow_set(struct ipsecchan_xfollow *t, uint32_t slot,
+                              const struct ipsecchan_xidx_follow *f)
+{
+    if (f->nin > IPSECCHAN_XIDX_FOLLOW_IN)
+        return IPSECCHAN_XIDX_ESPACE;
+    if (slot >= t->cap) {
+        if (slot >= UINT32_MAX / 2)
+            return IPSECCHAN_XIDX_ESPACE;
+        uint32_t cap = t->cap ? t->cap : 64;
+        while (cap <= slot)
+            cap *= 2;
+        struct ipsecchan_xidx_follow *v = realloc(t->v, (size_t)cap * sizeof *v);
+        if (!v)
+            return IPSECCHAN_XIDX_ENOMEM;
+        memset(v + t->cap, 0, (size_t)(cap - t->cap) * sizeof *v);
+        t->v = v;
+        t->cap = cap;
+    }
+    t->v[slot] = *f;
+    return 0;
+}
+
+int64_t ipsecchan_xfollow_get(const struct ipsecchan_xfollow *t, uint32_t slot,
+                              struct ipsecchan_xidx_follow *out)
+{
+    if (slot >= t->cap)
+        return -1;
+    *out = t->v[slot];
+    return 0;
+}
+
+void ipsecchan_xfollow_drop(struct ipsecchan_xfollow *t, uint32_t slot)
+{
+    if (slot < t->cap)
+        t->v[slot].tag = 0;
+}
+
+static inline void store_be16(char *p, u128 v)
+{
+    uint64_t hi = __builtin_bswap64((uint64_t)(v >> 64)), lo = __builtin_bswap64((uint64_t)v);
+    memcpy(p, &hi, 8);
+    memcpy(p + 8, &lo, 8);
+}
+
+static inline int same_key(const struct xsa *e, const struct ipsecchan_xidx_sakey *k)
+{
+    return e->family == k->family && e->proto == k->proto && e->spi == k->spi &&
+           e->dst == load_be16((const uint8_t *)k->dst);
+}
+
+static inline void key_of(const struct xsa *e, struct ipsecchan_xidx_sakey *k)
+{
+    memset(k, 0, sizeof *k);
+    store_be16(k->dst, e->dst);
+    k->spi = e->spi;
+    k->reqid = e->reqid;
+    k->family = e->family;
+    k->proto = e->proto;
+}
+
+/* One followed flow against the index now (see the header for the codes). */
+static uint8_t judge_follow(struct ipsecchan_xidx_follow *f, const struct ipsecchan_xidx *x,
+                            unsigned defaults, uint64_t *hs, uint8_t *nhs)
+{
+    enum { CAP = 2 * 4 + 1 + IPSECCHAN_XIDX_FOLLOW_IN };
+    uint64_t w[CAP];
+    const struct xsa *sas[1 + IPSECCHAN_XIDX_FOLLOW_IN];
+    *nhs = 0;
+    if (!f->tag)
+        return IPSECCHAN_XIDX_SLOW;
+    const struct ipsecchan_xidx_flow *fl = &f->flow;
+    int64_t n = ipsecchan_xidx_lookup_flow(x, fl->family, fl->proto, fl->local, fl->local_port,
+                                           fl->remote, fl->remote_port, fl->mark, fl->ifindex,
+                                           fl->if_id, defaults, w, CAP);
+    /* One OUT SA, 1..FOLLOW_IN IN SAs, both protected, no cleartext accepted inbound:
+     * anything else is the full judgement's. */
+    if (n < 9 || n > CAP || w[0] != IPSECCHAN_XIDX_PROTECTED || w[3] != 1)
+        return IPSECCHAN_XIDX_SLOW;
+    uint64_t nin = w[8];
+    if (w[5] != IPSECCHAN_XIDX_PROTECTED || (w[7] & 2) || nin < 1 ||
+        nin > IPSECCHAN_XIDX_FOLLOW_IN || (uint64_t)n != 9 + nin)
+        return IPSECCHAN_XIDX_SLOW;
+    uint32_t nsa = (uint32_t)(1 + nin);
+    hs[0] = w[4];
+    for (uint32_t i = 0; i < nin; i++)
+        hs[1 + i] = w[9 + i];
+    int need = 0;
+    for (uint32_t i = 0; i < nsa; i++) {
+        sas[i] = (const struct xsa *)resolve(&x->sa, hs[i]);
+        if (!sas[i])
+            return IPSECCHAN_XIDX_SLOW;
+        if (sas[i]->tag == 0)
+            need = 1;
+        else if (sas[i]->tag != f->tag)
+            return IPSECCHAN_XIDX_SLOW;         /* another class: another peer, say */
+    }
+    if (need) {
+        uint8_t k = 0;
+        for (uint32_t i = 0; i < nsa; i++)
+            if (sas[i]->tag == 0)
+                hs[k++] = hs[i];
+        *nhs = k;
+        return IPSECCHAN_XIDX_NEED;
+    }
+    int same = same_key(sas[0], &f->out) && nin == f->nin;
+    for (uint32_t i = 0; same && i < nin; i++)
+        same = same_key(sas[1 + i], &f->in[i]);
+    if (same)
+        return IPSECCHAN_XIDX_KEEP;
+    uint8_t code = same_key(sas[0], &f->out) && sas[0]->reqid == f->out.reqid
+                       ? IPSECCHAN_XIDX_INBOUND : IPSECCHAN_XIDX_MOVED;
+    key_of(sas[0], &f->out);
+    for (uint32_t i = 0; i < nin; i++)
+        key_of(sas[1 + i], &f->in[i]);
+    f->nin = (uint32_t)nin;
+    *nhs = (uint8_t)nsa;
+    return code;
+}
+
+int64_t ipsecchan_xfollow_revalidate(struct ipsecchan_xfollow *t,
+                                     const struct ipsecchan_xidx *x, const uint32_t *slots,
+                                     size_t n, unsigned defaults, uint8_t *codes,
+                                     uint8_t *nsas, uint64_t *handles)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t slot = slots[i];
+        nsas[i] = 0;
+        codes[i] = slot < t->cap
+            ? judge_follow(&t->v[slot], x, defaults,
+                           handles + i * (1 + IPSECCHAN_XIDX_FOLLOW_IN), &nsas[i])
+            : IPSECCHAN_XIDX_SLOW;
+    }
+    return 0;
+}
+
+void ipsecchan_xidx_set_tags(struct ipsecchan_xidx *x, const uint64_t *handles,
+                             const uint32_t *tags, size_t n, uint8_t *done)
+{
+    for (size_t i = 0; i < n; i++)
+        done[i] = ipsecchan_xidx_sa_set_tag(x, handles[i], tags[i]) == 0;
 }

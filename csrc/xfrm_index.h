@@ -146,4 +146,60 @@ int64_t ipsecchan_xidx_bench(const struct ipsecchan_xidx *idx,
                              const struct ipsecchan_xidx_flow *flows, size_t nflows,
                              size_t rounds, unsigned defaults, uint64_t *ns_out);
 
+/* Class tags: a label the caller puts on an SA record (0: none). Latching labels each SA it
+ * has identified with the class of its identities and protection; a record replaced or
+ * removed loses its label with its handle. set_tag: -1 for a stale handle or a tag above
+ * TAG_MAX (tags take 16 bits of the record). */
+#define IPSECCHAN_XIDX_TAG_MAX 0xFFFFu
+int64_t ipsecchan_xidx_sa_set_tag(struct ipsecchan_xidx *idx, uint64_t handle, uint32_t tag);
+uint32_t ipsecchan_xidx_sa_tag(const struct ipsecchan_xidx *idx, uint64_t handle);
+void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *idx);
+
+/* Followed flows: per slot, a flow, the class tag its SAs must all carry, and the keys of
+ * the SAs carrying it now (family, dst as 16 big-endian bytes of the address as the index
+ * holds it, proto, spi; reqid: the OUT SA's). revalidate looks each given slot's flow up
+ * and answers, per slot:
+ *   KEEP     one OUT SA and 1..FOLLOW_IN IN SAs, protected both ways, no cleartext
+ *            accepted, every SA of the flow's class, and the same keys as followed;
+ *   MOVED    so, on another OUT SA (or reqid): the slot now follows the new keys;
+ *   INBOUND  so, only the IN SAs changed: likewise;
+ *   NEED     so far so, but some SAs carry no tag yet: the caller identifies them (their
+ *            handles are given) and asks again;
+ *   SLOW     anything else (another class, other verdicts, bundles, a slot not followed):
+ *            the caller's full judgement.
+ * MOVED and INBOUND give the handles of the OUT SA then the IN SAs; NEED those untagged. */
+#define IPSECCHAN_XIDX_FOLLOW_IN 4
+enum { IPSECCHAN_XIDX_KEEP = 0, IPSECCHAN_XIDX_MOVED = 1, IPSECCHAN_XIDX_INBOUND = 2,
+       IPSECCHAN_XIDX_NEED = 3, IPSECCHAN_XIDX_SLOW = 4 };
+struct ipsecchan_xidx_sakey {
+    char dst[16];
+    uint32_t spi, reqid;
+    uint16_t family;
+    uint8_t proto, pad;
+};
+struct ipsecchan_xidx_follow {
+    struct ipsecchan_xidx_flow flow;
+    uint32_t tag, nin;
+    struct ipsecchan_xidx_sakey out, in[IPSECCHAN_XIDX_FOLLOW_IN];
+};
+struct ipsecchan_xfollow;
+struct ipsecchan_xfollow *ipsecchan_xfollow_new(void);
+void ipsecchan_xfollow_free(struct ipsecchan_xfollow *t);
+size_t ipsecchan_xfollow_memory(const struct ipsecchan_xfollow *t);
+/* ENOMEM, or ESPACE for nin > FOLLOW_IN or an absurd slot; 0 done. */
+int64_t ipsecchan_xfollow_set(struct ipsecchan_xfollow *t, uint32_t slot,
+                              const struct ipsecchan_xidx_follow *f);
+int64_t ipsecchan_xfollow_get(const struct ipsecchan_xfollow *t, uint32_t slot,
+                              struct ipsecchan_xidx_follow *out);
+void ipsecchan_xfollow_drop(struct ipsecchan_xfollow *t, uint32_t slot);
+/* Per slot i: codes[i], and nsas[i] handles at handles[i * (1 + FOLLOW_IN)] (room for
+ * n * (1 + FOLLOW_IN) handles). Returns 0. */
+int64_t ipsecchan_xfollow_revalidate(struct ipsecchan_xfollow *t,
+                                     const struct ipsecchan_xidx *idx, const uint32_t *slots,
+                                     size_t n, unsigned defaults, uint8_t *codes,
+                                     uint8_t *nsas, uint64_t *handles);
+/* set_tag for n records at once; done[i]: 1 set, 0 stale handle. */
+void ipsecchan_xidx_set_tags(struct ipsecchan_xidx *idx, const uint64_t *handles,
+                             const uint32_t *tags, size_t n, uint8_t *done);
+
 #endif

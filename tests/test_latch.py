@@ -3,9 +3,11 @@ transitions with their causes. Sans-IO: no kernel or IKE daemon here (the lab te
 machine with both)."""
 import itertools
 import socket
+from dataclasses import replace
 
 import pytest
 
+from ipsecchan.latch.machine import keeps
 from ipsecchan.latch import (INPUTS, Alert, Block, Cause, Latch, LatchProtocolError,
                              LatchRefused, LatchState, Observation, Party, Pin, Policy,
                              Protection, Release, Requirements, SAFacts)
@@ -79,7 +81,7 @@ ALLOWED = {
     (LatchState.LATCHING, "begin"), (LatchState.LATCHING, "confirm"),
     (LatchState.LATCHING, "close"),
     (LatchState.ESTABLISHED, "observe"), (LatchState.ESTABLISHED, "inbound-gone"),
-    (LatchState.ESTABLISHED, "close"),
+    (LatchState.ESTABLISHED, "carried"), (LatchState.ESTABLISHED, "close"),
     (LatchState.BROKEN, "observe"), (LatchState.BROKEN, "close"),
 }
 
@@ -91,6 +93,7 @@ def test_every_state_and_input(state, kind):
     call = {"begin": lambda: latch.begin(obs()), "confirm": lambda: latch.confirm(obs()),
             "observe": lambda: latch.observe(obs()), "accept": lambda: latch.accept(obs()),
             "inbound-gone": lambda: latch.inbound_gone({sa(0x999).key}),
+            "carried": lambda: latch.carried(latch.params, False),
             "close": latch.close}[kind]
     if (state, kind) not in ALLOWED:
         with pytest.raises(LatchProtocolError):
@@ -397,3 +400,50 @@ def test_latches_on_the_same_sas_share_their_judgements_and_keep_their_requireme
     assert c.params is d.params and len(c.params.in_sas) == 2
     assert c.inbound_gone({first.in_sas[0].key}) == d.inbound_gone({first.in_sas[0].key}) == []
     assert c.params is d.params and [s.key[3] for s in c.params.in_sas] == [0x299]
+
+
+# keeps(): a class of SAs (identities and protection) the latch's judgement accepts, whatever
+# the SPIs. Checked against observe() itself: a rekey onto SAs of that class keeps the latch
+# ESTABLISHED exactly when keeps() says so.
+KEEPS = [
+    ("same class", {}, Requirements(), True),
+    ("stronger cipher", {"prot": CHACHA}, Requirements(), True),
+    ("stronger, strict", {"prot": CHACHA}, Requirements(strict_algorithms=True), False),
+    ("weaker", {"prot": GCM128}, Requirements(), False),
+    ("another peer", {"peer": MALLORY}, Requirements(), False),
+    ("same ID, another key", {"peer": BOB_OTHER_KEY}, Requirements(), False),
+    ("another local ID", {"local": MALLORY}, Requirements(), False),
+    ("unknown", {"peer": None, "local": None}, Requirements(), False),
+    ("the required peer", {}, Requirements(peer_id="CN=bob"), True),
+]
+
+
+@pytest.mark.parametrize("name,kw,req,expected", KEEPS, ids=[k[0] for k in KEEPS])
+def test_keeps_is_the_judgement_of_a_class(name, kw, req, expected):
+    latch = established(req)
+    facts = sa(0x777, **kw)
+    assert keeps(latch.params, facts, req) is expected
+    seen = Observation(True, "protected", "protected", (facts,),
+                       (sa(0x778, dst="10.0.0.1", **kw),))
+    latch.observe(seen)
+    assert (latch.state is LatchState.ESTABLISHED) is expected
+    latch = established(req)
+    assert keeps(latch.params, facts, req) is expected          # (memoized: the same)
+
+
+def test_carried_gives_what_observe_gives():
+    # Moved: the rekey's alert and the new pin; inbound only: nothing; other parties: a bug.
+    a, b = established(), established()
+    seen = obs(0x101, 0x201)
+    expected = a.observe(seen)
+    p = b.params
+    moved = replace(p, out_sas=seen.out_sas, in_sas=seen.in_sas,
+                    reqids=tuple(s.reqid for s in seen.out_sas))
+    assert b.carried(moved, True) == expected == [
+        Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True), Pin(moved)]
+    assert b.params == a.params
+    fewer = replace(moved, in_sas=())
+    assert b.carried(fewer, False) == [] and b.params is fewer
+    with pytest.raises(LatchProtocolError):
+        b.carried(replace(moved, peer=MALLORY), True)
+    assert b.params is fewer and b.state is LatchState.ESTABLISHED

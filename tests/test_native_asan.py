@@ -51,6 +51,30 @@ int64_t ipsecchan_xidx_lookup(const struct ipsecchan_xidx *, uint16_t, uint8_t, 
                               uint16_t, const char *, uint16_t, uint32_t, int32_t, uint32_t,
                               const char *, size_t, const char *, size_t, unsigned, uint64_t *,
                               size_t);
+struct ipsecchan_xidx_flow { char local[16]; char remote[16]; uint32_t mark; uint32_t if_id;
+    int32_t ifindex; uint16_t family; uint16_t local_port; uint16_t remote_port;
+    uint8_t proto; };
+int64_t ipsecchan_xidx_sa_set_tag(struct ipsecchan_xidx *, uint64_t, uint32_t);
+uint32_t ipsecchan_xidx_sa_tag(const struct ipsecchan_xidx *, uint64_t);
+void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *);
+void ipsecchan_xidx_set_tags(struct ipsecchan_xidx *, const uint64_t *, const uint32_t *, size_t,
+                             uint8_t *);
+struct ipsecchan_xidx_sakey { char dst[16]; uint32_t spi; uint32_t reqid; uint16_t family;
+    uint8_t proto; uint8_t pad; };
+struct ipsecchan_xidx_follow { struct ipsecchan_xidx_flow flow; uint32_t tag; uint32_t nin;
+    struct ipsecchan_xidx_sakey out; struct ipsecchan_xidx_sakey in[4]; };
+struct ipsecchan_xfollow;
+struct ipsecchan_xfollow *ipsecchan_xfollow_new(void);
+void ipsecchan_xfollow_free(struct ipsecchan_xfollow *);
+size_t ipsecchan_xfollow_memory(const struct ipsecchan_xfollow *);
+int64_t ipsecchan_xfollow_set(struct ipsecchan_xfollow *, uint32_t,
+                              const struct ipsecchan_xidx_follow *);
+int64_t ipsecchan_xfollow_get(const struct ipsecchan_xfollow *, uint32_t,
+                              struct ipsecchan_xidx_follow *);
+void ipsecchan_xfollow_drop(struct ipsecchan_xfollow *, uint32_t);
+int64_t ipsecchan_xfollow_revalidate(struct ipsecchan_xfollow *, const struct ipsecchan_xidx *,
+                                     const uint32_t *, size_t, unsigned, uint8_t *, uint8_t *,
+                                     uint64_t *);
 ''')
 ffi.set_source("_nlmsg_asan", '''
 #include <stdlib.h>
@@ -116,6 +140,16 @@ for name in sorted(os.listdir(corpus_dir)):
     with open(os.path.join(corpus_dir, name), "rb") as f:
         (sockpols if name.startswith("sockpol-") else seeds).append(f.read())
 assert len(seeds) >= 20, "seed corpus missing: run tests/corpus/make_corpus.py"
+# A protected transport world and its rekeys (well-formed), applied now and then so that
+# followed flows find protected paths: the deep end of revalidation.
+world = []
+if len(sys.argv) > 4:
+    with open(sys.argv[4], "rb") as f:
+        blob = f.read()
+    while blob:
+        n = struct.unpack_from("=I", blob)[0]
+        world.append(blob[4:4 + n])
+        blob = blob[4 + n:]
 rnd = random.Random(5660)
 ADDRS = [bytes(12) + bytes([10, 0, 0, 1]), bytes(12) + bytes([10, 0, 0, 2]), bytes(16),
          bytes([0xfd]) + bytes(14) + b"\1", bytes([0xfd]) + bytes(14) + b"\2"]
@@ -192,7 +226,84 @@ def lookups(x, k):
                                       out, rnd.choice([0, 3, 64]))
         assert n >= -200
 
+def sa_handles(x):
+    n = lib.ipsecchan_xidx_sa_count(x)
+    hs = ffi.new("uint64_t[]", n + 1)
+    return list(ffi.unpack(hs, lib.ipsecchan_xidx_sa_handles(x, hs, n + 1)))
+
+CODES = [0] * 5
+def follows(x, t):
+    # Tags on current and stale handles, followed flows in random slots (keys of real SAs
+    # and random ones, too many inbound SAs, absurd slots), and revalidation of slots in
+    # and out of the table, every array of its exact size.
+    hs = sa_handles(x)
+    stale = [(1 << 63) | 5, 0, (hs[0] + (1 << 32)) if hs else 7]
+    for h in rnd.sample(hs, min(len(hs), 4)) + stale:
+        tag = rnd.choice([0, 1, 2, 3, 0xFFFF, 0x10000])
+        r = lib.ipsecchan_xidx_sa_set_tag(x, h, tag)
+        assert r in (0, -1)
+        assert r == -1 or lib.ipsecchan_xidx_sa_tag(x, h) == tag
+    pick = rnd.sample(hs, min(len(hs), 3)) + stale[:1]
+    n = len(pick)
+    handles, tags, done = alloc("uint64_t[]", n), alloc("uint32_t[]", n), alloc("uint8_t[]", n)
+    for i, h in enumerate(pick):
+        handles[i], tags[i] = h, rnd.choice([1, 2])
+    lib.ipsecchan_xidx_set_tags(x, handles, tags, n, done)
+    assert done[n - 1] == 0
+    info = ffi.new("struct ipsecchan_xidx_sainfo *")
+    words = ffi.new("uint64_t[]", 64)
+    for _ in range(6):
+        e = ffi.new("struct ipsecchan_xidx_follow *")
+        f = e.flow
+        f.local, f.remote = rnd.choice(ADDRS), rnd.choice(ADDRS)
+        f.family, f.proto = rnd.choice([2, 10, 0]), rnd.choice([6, 17])
+        f.local_port, f.remote_port = rnd.choice([0, 22, 1000]), rnd.choice([0, 22, 443])
+        f.mark, f.if_id = rnd.choice([0, 1]), rnd.choice([0, 3])
+        # Mostly flows the index protects (so revalidation goes past its first checks).
+        for _ in range(20):
+            got = lib.ipsecchan_xidx_lookup(x, f.family, f.proto, f.local, f.local_port,
+                                            f.remote, f.remote_port, f.mark, 0, f.if_id,
+                                            ffi.NULL, 0, ffi.NULL, 0, 0, words, 64)
+            if got >= 9 and words[0] == 0 or rnd.random() < 0.1:
+                break
+            f.local, f.remote = rnd.choice(ADDRS), rnd.choice(ADDRS)
+            f.family = rnd.choice([2, 10])
+        e.tag = rnd.choice([0, 1, 2])
+        e.nin = rnd.choice([0, 1, 2, 4, 5, 0xFFFFFFFF])
+        keys = [e.out] + [getattr(e, "in")[i] for i in range(4)]
+        for k in keys:
+            if hs and rnd.random() < 0.7 and \
+                    lib.ipsecchan_xidx_sa_info(x, rnd.choice(hs), info, ffi.NULL, 0) == 0:
+                k.dst, k.spi, k.family, k.proto = info.dst, info.spi, info.family, info.proto
+            else:
+                k.dst, k.spi = rnd.choice(ADDRS), rnd.randrange(1 << 32)
+                k.family, k.proto = rnd.choice([2, 10]), 50
+        slot = rnd.choice([0, 1, 2, 7, 63, 64, 65, 300, 0xFFFFFFFF, 0x80000000])
+        r = lib.ipsecchan_xfollow_set(t, slot, e)
+        assert r in (0, -106) and (r == -106) == (e.nin > 4 or slot >= 0x7FFFFFFF)
+        got = ffi.new("struct ipsecchan_xidx_follow *")
+        assert lib.ipsecchan_xfollow_get(t, slot, got) == (0 if r == 0 else -1) or r != 0
+    if rnd.random() < 0.2:
+        lib.ipsecchan_xfollow_drop(t, rnd.choice([0, 1, 5000, 0xFFFFFFFF]))
+    slots = [rnd.choice([0, 1, 2, 7, 63, 64, 65, 300, 301, 0xFFFFFFFF])
+             for _ in range(rnd.randrange(0, 9))]
+    n = len(slots)
+    s_arr = alloc("uint32_t[]", max(n, 1))
+    for i, sl in enumerate(slots):
+        s_arr[i] = sl
+    codes, nsas = alloc("uint8_t[]", max(n, 1)), alloc("uint8_t[]", max(n, 1))
+    out = alloc("uint64_t[]", max(n * 5, 1))
+    assert lib.ipsecchan_xfollow_revalidate(t, x, s_arr, n, rnd.randrange(4), codes, nsas,
+                                            out) == 0
+    for i in range(n):
+        assert codes[i] <= 4 and nsas[i] <= 5
+        CODES[codes[i]] += 1
+    if rnd.random() < 0.05:
+        lib.ipsecchan_xidx_clear_tags(x)
+    assert lib.ipsecchan_xfollow_memory(t) > 0
+
 x = lib.ipsecchan_xidx_new()
+t = lib.ipsecchan_xfollow_new()
 bad = ffi.new("size_t *"); applied = ffi.new("int64_t *")
 runs = applied_ok = rejected = peak = 0
 def clean(data):
@@ -225,7 +336,11 @@ for i, data in enumerate(inputs):
     applied_ok += r > 0
     rejected += r < 0
     peak = max(peak, lib.ipsecchan_xidx_sa_count(x) + lib.ipsecchan_xidx_policy_count(x))
+    if world and i % 7 == 0:
+        for w in rnd.sample(world, rnd.randrange(1, len(world) + 1)):
+            lib.ipsecchan_xidx_apply(x, exact(w), len(w), 1.7e9, bad, applied)
     lookups(x, 3)
+    follows(x, t)
     if i % 50 == 0:
         views(x)
     if i % 500 == 499:
@@ -233,7 +348,9 @@ for i, data in enumerate(inputs):
     runs += 1
 views(x)
 lib.ipsecchan_xidx_free(x)
-print("index fuzzed", runs, "applied", applied_ok, "rejected", rejected, "peak", peak)
+lib.ipsecchan_xfollow_free(t)
+print("index fuzzed", runs, "applied", applied_ok, "rejected", rejected, "peak", peak,
+      "follow", *CODES)
 """
 
 
@@ -249,11 +366,12 @@ def asan_build(tmp_path_factory):
     return out, libasan
 
 
-def _run(asan_build, mode, script=None):
+def _run(asan_build, mode, script=None, *extra):
     out, libasan = asan_build
     env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
                PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, "-c", script or FUZZ, str(out), mode, CORPUS],
+    return subprocess.run([sys.executable, "-c", script or FUZZ, str(out), mode, CORPUS,
+                           *extra],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -268,10 +386,45 @@ def test_walker_never_reads_out_of_bounds(asan_build):
     assert "fuzzed 30000" in r.stdout
 
 
-def test_index_never_reads_out_of_bounds(asan_build):
-    r = _run(asan_build, "index", FUZZ_INDEX)
+def _world(path):
+    # 10.0.0.1 <-> 10.0.0.2 (and fd00::1 <-> fd00::2) in ESP transport mode, reqid 1: the
+    # policies, an SA each way, then rekeys (new SAs, old ones deleted), length-prefixed.
+    from ipsecchan.xfrm import encode
+    from ipsecchan.xfrm.messages import SA, Algorithm, Lifetime, Policy, Selector, Template
+    inf = (1 << 64) - 1
+    msgs = []
+    for fam, a, b in ((2, "10.0.0.1", "10.0.0.2"), (10, "fd00::1", "fd00::2")):
+        full = 32 if fam == 2 else 128
+
+        def sel(s, d):
+            return Selector(fam, s, d, full, full, 0, 0, 0, 0, 0, 0)
+
+        def sa(s, d, spi):
+            return SA(s, d, fam, "esp", spi, 1, "transport", 0, 32, sel(s, d), 0, 0, 1000 + spi,
+                      0, (Algorithm("aead", "rfc4106(gcm(aes))", 288, 128),), None, None,
+                      None, True, None, Lifetime(inf, inf, inf, inf, 0, 0, 0, 0), (0, 0), None)
+        t = (Template(fam, "", "", "esp", 0, 1, "transport", False),)
+        msgs += [encode.newpolicy(Policy("out", "allow", 100, 1 + fam, sel(a, b), t, None,
+                                         None, None)),
+                 encode.newpolicy(Policy("in", "allow", 100, 8 + fam * 8, sel(b, a), t,
+                                         None, None, None))]
+        for spi in range(0x100, 0x106):
+            msgs += [encode.newsa(sa(a, b, spi)), encode.newsa(sa(b, a, spi + 0x1000)),
+                     encode.delsa(sa(a, b, spi - 1)), encode.delsa(sa(b, a, spi + 0xfff))]
+    with open(path, "wb") as f:
+        for m in msgs:
+            f.write(len(m).to_bytes(4, sys.byteorder) + m)
+    return path
+
+
+def test_index_never_reads_out_of_bounds(asan_build, tmp_path):
+    r = _run(asan_build, "index", FUZZ_INDEX, _world(str(tmp_path / "world.bin")))
     assert r.returncode == 0, r.stderr[-3000:]
     words = r.stdout.split()
     assert words[:2] == ["index", "fuzzed"], r.stdout
     # the mutations reach both sides: accepted messages that fill the index, and rejections
     assert int(words[4]) > 3000 and int(words[6]) > 1000 and int(words[8]) >= 8, r.stdout
+    # revalidation of followed flows ran, and got past its first checks (KEEP, MOVED or
+    # INBOUND, NEED: lookups that found a protected single-SA path) as well as SLOW
+    codes = [int(w) for w in words[10:15]]
+    assert words[9] == "follow" and codes[4] > 1000 and sum(codes[:4]) > 0, r.stdout

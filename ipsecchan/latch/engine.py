@@ -28,12 +28,12 @@ from ipsecchan.ike.base import IdentitySource, SAIdentity, State
 from ipsecchan.latch.enforce import apply_all, apply_tracked
 from ipsecchan.latch.machine import (Alert, Block, Cause, Latch, LatchParams, LatchRefused,
                                      LatchState, Observation, Party, Policy, Release,
-                                     Requirements, SAFacts, conflict)
+                                     Requirements, SAFacts, conflict, keeps)
 from ipsecchan.latch.protection import Protection
 from ipsecchan.latch.registry import LatchRegistry
 from ipsecchan.xfrm import Template, set_socket_policy
 from ipsecchan.xfrm.lookup import Flow
-from ipsecchan.xfrm.index import Index, SARef
+from ipsecchan.xfrm.index import FOLLOW_IN, INBOUND, KEEP, MOVED, NEED, TAG_MAX, Index, SARef
 from ipsecchan.xfrm.messages import SA
 
 log = logging.getLogger("ipsecchan")
@@ -153,6 +153,7 @@ class LatchHandle:
     listener: int | None = None
     mark: int = 0
     pin_in: bytes | None = None      # the IN policy this latch's last pin set (enforce)
+    slot: int = -1                   # its slot in the index's followed flows (-1: none)
 
     @property
     def state(self) -> LatchState:
@@ -215,6 +216,21 @@ class Latcher:
         self._sides: dict = {}           # ids of SAFacts -> a (shared) tuple of them
         self._protections: dict = {}     # (proto, mode, algorithms, encap) -> Protection
         self._seen: dict = {}            # this round's observations, by index answer (_observe)
+        # Revalidation in C (Index.revalidate): ESTABLISHED latches whose SAs are all of one
+        # class (identities and protection, tagged on the SA records) that keeps them are
+        # followed by the index itself, which settles a rekey of such a latch (all its new SAs
+        # tagged with its class) without an Observation. Only with the C index and an identity
+        # source whose answers stand for an epoch (tags live as long as those answers).
+        self.follow_in_c = isinstance(view.index, Index)
+        self._classes: dict[tuple, tuple] = {}   # ids of (local, peer, protection) -> tag
+        self._class_ids = itertools.count(1)
+        self._class_generation = 0
+        self._tagged: dict[int, SAFacts] = {}   # SA handle -> the facts its tag stands for
+        self._tags_valid = None                  # the _valid the tags were set under
+        self._tag_bound = 4096                   # when to look for handles long gone
+        self._free_slots: list[int] = []
+        self._slots = 0
+        self._carried_memo: dict = {}            # parameters _carried made (shared)
         # Latching, polling and releasing may come from several threads (the socket API's
         # event thread, the application's); one lock, never taken on the data path.
         self.lock = threading.RLock()
@@ -253,6 +269,93 @@ class Latcher:
         self._seen.clear()
         epoch = getattr(self.identities, "epoch", None)
         self._valid = (0, epoch) if epoch is not None else (1, self._round)
+        if self._valid != self._tags_valid and self.follow_in_c:
+            # A new epoch: the identity answers the tags stand for are asked again.
+            if self._tagged:
+                self._untag_all()
+            self._tags_valid = self._valid
+
+    # -- class tags and followed latches (revalidation in C) --
+    def _following(self) -> bool:
+        return self.follow_in_c and self._valid[0] == 0
+
+    def _untag_all(self) -> None:
+        self._tagged.clear()
+        self.view.index.clear_tags()
+
+    def _class_tag(self, f: SAFacts) -> int:
+        key = (id(f.local), id(f.peer), id(f.protection))
+        hit = self._classes.get(key)
+        if hit is None:
+            tag = next(self._class_ids)
+            if tag > TAG_MAX:
+                self._reset_classes()
+                tag = next(self._class_ids)
+            hit = self._classes[key] = (f.local, f.peer, f.protection, tag)
+        return hit[3]
+
+    def _reset_classes(self) -> None:
+        """Tags are 16 bits in the index: when they run out, start over. No SA record and no
+        followed latch keeps an old tag (those latches are judged in Python when next
+        touched, and followed again)."""
+        self._classes.clear()
+        self._class_ids = itertools.count(1)
+        self._class_generation += 1
+        self._untag_all()
+        for handle in self.handles.values():
+            self._unfollow(handle)
+
+    def _tag(self, sa: SARef, f: SAFacts) -> None:
+        """Label an identified SA record with its class (only verified identities)."""
+        h = sa.handle
+        if f.local is None or f.peer is None or self._tagged.get(h) is f:
+            return
+        tagged = self._tagged
+        if len(tagged) > self._tag_bound:
+            self._bound_tags()
+        if self.view.index.set_tag(h, self._class_tag(f)):
+            tagged[h] = f
+
+    def _bound_tags(self) -> None:
+        index = self.view.index
+        if len(self._tagged) > 2 * len(index) + 1024:
+            self._untag_all()                # handles of records long gone: start over
+        self._tag_bound = max(2 * len(index) + 1024, len(self._tagged) + 1024)
+
+    def _refollow(self, handle: LatchHandle) -> None:
+        """Follow the latch in C when C can settle its rekeys (see follow_in_c), else not."""
+        if not self._following() or handle.flow is None:
+            return
+        latch = handle.latch
+        params = latch.params
+        ok = (latch.state is LatchState.ESTABLISHED and params is not None and params.protected
+              and len(params.out_sas) == 1 and 1 <= len(params.in_sas) <= FOLLOW_IN
+              and handle.id not in self._pending)
+        if ok:
+            f = params.out_sas[0]
+            ok = all(s.local is f.local and s.peer is f.peer and s.protection is f.protection
+                     for s in params.in_sas) and keeps(params, f, latch.requirements)
+        index = self.view.index
+        if ok:
+            if handle.slot < 0:
+                if self._free_slots:
+                    handle.slot = self._free_slots.pop()
+                else:
+                    handle.slot, self._slots = self._slots, self._slots + 1
+            try:
+                index.follow(handle.slot, handle.flow, self._class_tag(f), f.key, f.reqid,
+                             [s.key for s in params.in_sas])
+                return
+            except ValueError:
+                pass                          # not one C can follow: the Python judgement
+        self._unfollow(handle)
+
+    def _unfollow(self, handle: LatchHandle) -> None:
+        """Stop following the latch in C (its slot is freed: slot >= 0 means followed)."""
+        if handle.slot >= 0:
+            self.view.index.unfollow(handle.slot)
+            self._free_slots.append(handle.slot)
+            handle.slot = -1
 
     def _facts(self, sa: SA | SARef) -> tuple[SAFacts | None, SAIdentity]:
         key = sa.key
@@ -305,6 +408,7 @@ class Latcher:
             return memo[1]
         out_verdict, out_sas, in_verdict, in_sas, in_clear = brief
         pending, now = False, None
+        tagging = self._following()         # (then the SAs are the C index's SARefs)
         sides = []
         facts_of, shared_sides = self._facts, self._sides
         for sas in (out_sas, in_sas):
@@ -318,6 +422,8 @@ class Latcher:
                     # system call, and the common case needs none.
                     now = time.time() if now is None else now
                     pending |= now - sa.add_time < IDENTITY_GRACE
+                elif tagging:
+                    self._tag(sa, f)
                 facts.append(f)
             # One tuple object per distinct list of SAFacts objects: latches on the same SAs
             # share it in their parameters. Keyed by the objects' ids (hashing SAFacts by
@@ -484,6 +590,7 @@ class Latcher:
                              pin_in=track.pin_in)
         self.handles[handle.id] = handle
         self.registry.add(handle.id, flow, _keys(latch))
+        self._refollow(handle)
         self._deliver(handle, alerts)
         return handle
 
@@ -512,7 +619,8 @@ class Latcher:
         with self.lock:
             self._pending.discard(handle.id)
             self.registry.remove(handle.id)
-            self.handles.pop(handle.id, None)
+            if self.handles.pop(handle.id, None) is handle:
+                self._unfollow(handle)
             if handle.latch.state is not LatchState.CLOSED:
                 effects = handle.latch.close()
                 handle.pin_in = None
@@ -534,6 +642,7 @@ class Latcher:
             self._pending.discard(handle.id)
             self.registry.remove(handle.id)
             del self.handles[handle.id]
+            self._unfollow(handle)
             if handle.latch.state is not LatchState.CLOSED:
                 effects = handle.latch.close()
                 self._deliver(handle, [e for e in effects if isinstance(e, Alert)])
@@ -557,6 +666,8 @@ class Latcher:
             kind = ev.kind
             if kind == "sa-flush" or kind == "resync":
                 self._sa_facts.clear()
+                if self._tagged:
+                    self._untag_all()
             elif kind == "sa-delete" or (kind == "sa-expire" and ev.hard):
                 self._sa_facts.pop(ev.sa_key, None)
 
@@ -629,54 +740,167 @@ class Latcher:
                     touched |= self.registry.affected_by_spis(
                         s for s in (side.spi_in, side.spi_out) if s)
         pending = self._pending
+        handles = self.handles
         for hid, keys in gone.items():
             if hid in touched or hid in pending:
                 continue                        # observed below in any case
-            handle = self.handles.get(hid)
+            handle = handles.get(hid)
             if handle is None or handle.flow is None:
                 continue
             latch = handle.latch
-            if latch.state is LatchState.ESTABLISHED and self._only_gone(handle, keys) \
-                    and latch.inbound_gone(keys) is not None:
+            if handle.slot < 0 and latch.state is LatchState.ESTABLISHED \
+                    and self._only_gone(handle, keys) and latch.inbound_gone(keys) is not None:
                 self.registry.update_sas(hid, _keys(latch))
             else:
-                touched.add(hid)
+                touched.add(hid)                # (a latch followed in C: settled there)
+        order = sorted(touched | pending)
+        settled = self._settle_in_c(order) if self._following() else {}
         out = []
-        for hid in sorted(touched | self._pending):
-            handle = self.handles.get(hid)
+        for hid in order:
+            handle = handles.get(hid)
             if handle is None or handle.flow is None:
                 continue
-            # The view was brought up to date at the start of the round: every latch of the
-            # round is judged against the same view (events arriving meanwhile are the next
-            # round's), with no netlink read per latch.
-            obs = self._observe(handle.flow, fresh=False)
-            if obs.pending:
-                self._pending.add(hid)
-            else:
-                self._pending.discard(hid)
-            effects = handle.latch.observe(obs)
-            try:
-                alerts = apply_tracked(handle.sock, effects, handle.flow.family, handle)
-            except OSError as exc:
-                # The socket could not be changed. Closed: nothing is left to enforce, the
-                # latch goes. Otherwise its owner still hears what the latch says, and the
-                # latch is looked at again next round (one socket's failure must not stop
-                # the others' events from being applied).
-                alerts = [e for e in effects if isinstance(e, Alert)]
-                if exc.errno == errno.EBADF:
-                    self.registry.remove(hid)
-                    self.handles.pop(hid, None)
-                    self._pending.discard(hid)
+            carried = settled.get(hid)
+            if carried is not None:
+                if carried is _KEPT:
+                    continue
+                params, moved, keys = carried
+                effects = handle.latch.carried(params, moved)
+                if effects:
+                    alerts = self._carry_out(handle, effects, keys)
                 else:
-                    log.warning("latch %d: applying %s: %s", hid, effects, exc)
-                    self._pending.add(hid)
-                    if any(isinstance(e, Block) for e in effects):
-                        _cut(handle.sock, hid)
-            if hid in self.handles:
-                self.registry.update_sas(hid, _keys(handle.latch))
+                    alerts = []
+                    self.registry.update_sas(hid, keys)
+            else:
+                self._unfollow(handle)          # followed again below if it can be
+                # The view was brought up to date at the start of the round: every latch of
+                # the round is judged against the same view (events arriving meanwhile are
+                # the next round's), with no netlink read per latch.
+                obs = self._observe(handle.flow, fresh=False)
+                if obs.pending:
+                    pending.add(hid)
+                else:
+                    pending.discard(hid)
+                effects = handle.latch.observe(obs)
+                alerts = self._carry_out(handle, effects)
+                if hid in handles:
+                    self._refollow(handle)
             self._deliver(handle, alerts)
             out += [(handle, a) for a in alerts]
         return out
+
+    def _carry_out(self, handle: LatchHandle, effects, keys: tuple | None = None
+                   ) -> list[Alert]:
+        """A round's effects for one latch, on its socket; returns the alerts. `keys`: the
+        latch's SA keys when the caller has them (else read from its parameters)."""
+        hid = handle.id
+        try:
+            alerts = apply_tracked(handle.sock, effects, handle.flow.family, handle)
+        except OSError as exc:
+            # The socket could not be changed. Closed: nothing is left to enforce, the latch
+            # goes. Otherwise its owner still hears what the latch says, and the latch is
+            # looked at again next round (one socket's failure must not stop the others'
+            # events from being applied).
+            alerts = [e for e in effects if isinstance(e, Alert)]
+            if exc.errno == errno.EBADF:
+                self.registry.remove(hid)
+                self.handles.pop(hid, None)
+                self._pending.discard(hid)
+                self._unfollow(handle)
+                return alerts
+            log.warning("latch %d: applying %s: %s", hid, effects, exc)
+            self._pending.add(hid)
+            self._unfollow(handle)            # judged in Python next round
+            if any(isinstance(e, Block) for e in effects):
+                _cut(handle.sock, hid)
+        if hid in self.handles:
+            self.registry.update_sas(hid, _keys(handle.latch) if keys is None else keys)
+        return alerts
+
+    def _settle_in_c(self, order: list[int]) -> dict:
+        """What the index settles of this round's latches (Index.revalidate): hid -> _KEPT,
+        or (Latch.carried's arguments, the latch's SA keys). The SAs it asks about (new, not
+        yet tagged) are identified here, once each, and the latches asking are looked at
+        again; whatever is left goes to the Python judgement."""
+        handles, pending = self.handles, self._pending
+        hids = [hid for hid in order if hid not in pending
+                and (h := handles.get(hid)) is not None and h.slot >= 0]
+        settled: dict = {}
+        index = self.view.index
+        stride = 1 + FOLLOW_IN
+        for attempt in (0, 1):
+            if not hids:
+                break
+            codes, nsas, hs = index.revalidate([handles[hid].slot for hid in hids])
+            need: list[int] = []
+            asked: set[int] = set()
+            for i, hid in enumerate(hids):
+                code = codes[i]
+                if code == KEEP:
+                    settled[hid] = _KEPT
+                elif code == MOVED or code == INBOUND:
+                    first = i * stride
+                    carried = self._carried(handles[hid], hs[first:first + nsas[i]],
+                                            code == MOVED)
+                    if carried is not None:
+                        settled[hid] = carried
+                elif code == NEED and not attempt:
+                    need.append(hid)
+                    first = i * stride
+                    asked.update(hs[first:first + nsas[i]])
+            if asked:
+                self._identify_and_tag(asked)
+            hids = need
+        return settled
+
+    def _identify_and_tag(self, sa_handles) -> None:
+        """Identify the SAs of these handles (once each this round, as _observe would) and
+        tag those verified, in one call to the index."""
+        index = self.view.index
+        facts_of, class_tag, tagged = self._facts, self._class_tag, self._tagged
+        if len(tagged) > self._tag_bound:
+            self._bound_tags()
+        hs, tags, facts = [], [], []
+        generation = self._class_generation
+        for h in sa_handles:
+            try:
+                sa = index.sa_ref(h)
+            except LookupError:
+                continue
+            f, _ans = facts_of(sa)
+            if f is not None and f.local is not None and f.peer is not None:
+                hs.append(h)
+                tags.append(class_tag(f))
+                facts.append(f)
+        if generation != self._class_generation:
+            return              # the tags above are from before a reset: none is set
+        for h, f, done in zip(hs, facts, index.set_tags(hs, tags)):
+            if done:
+                tagged[h] = f
+
+    def _carried(self, handle: LatchHandle, sa_handles: list[int], moved: bool
+                 ) -> tuple | None:
+        """(Latch.carried's arguments, SA keys) for the SAs the index named (tagged:
+        identified); None if a tag is not known here (the Python judgement then).
+        Latches on the same SAs share the parameters."""
+        latched = handle.latch.params
+        key = (id(latched), *sa_handles)
+        memo = self._carried_memo
+        hit = memo.get(key)
+        if hit is not None and hit[0] is latched:
+            return hit[1], moved, hit[2]
+        tagged = self._tagged
+        out = tagged.get(sa_handles[0])
+        ins = tuple([tagged.get(h) for h in sa_handles[1:]])
+        if out is None or any(f is None for f in ins):
+            return None
+        params = LatchParams(True, latched.local, latched.peer, latched.protection,
+                             (out.reqid,), (out,), ins)
+        keys = (out.key, *[f.key for f in ins])
+        if len(memo) >= 1024:
+            memo.clear()
+        memo[key] = (latched, params, keys)
+        return params, moved, keys
 
     def _deliver(self, handle: LatchHandle, alerts: list[Alert]) -> None:
         for a in alerts:
@@ -697,6 +921,7 @@ class Latcher:
 
 
 _KEYS: dict[int, tuple] = {}
+_KEPT = ("kept",)                    # _settle_in_c: the index found nothing changed
 
 
 def _keys(latch: Latch) -> tuple:

@@ -379,6 +379,32 @@ def conflict(now: LatchParams, latched: LatchParams, req: Requirements
     return None, ""
 
 
+_KEEPS: dict[tuple, tuple] = {}
+
+
+def keeps(latched: LatchParams, sa: SAFacts, req: Requirements) -> bool:
+    """Whether an observation whose SAs all carry `sa`'s identities and protection (the very
+    Party and Protection objects), protected both ways with no cleartext accepted, one OUT
+    SA, keeps a latch with these parameters ESTABLISHED. Such a judgement depends on nothing
+    else (not on SPIs, reqids or addresses): this is what lets the caller settle it by a class
+    tag per SA (the engine's revalidation in C) and feed the result in with carried()."""
+    key = (id(latched.local), id(latched.peer), id(latched.protection), id(sa.local),
+           id(sa.peer), id(sa.protection), req)
+    hit = _KEEPS.get(key)
+    held = (latched.local, latched.peer, latched.protection, sa.local, sa.peer, sa.protection)
+    if hit is not None and all(a is b for a, b in zip(hit[0], held)):
+        return hit[1]
+    if not latched.protected or sa.local is None or sa.peer is None:
+        res = False
+    else:
+        obs = Observation(True, "protected", "protected", (sa,), (sa,))
+        res = _judge(obs, latched, req)[1] is None
+    if len(_KEEPS) >= _MEMO_LIMIT:
+        _KEEPS.clear()
+    _KEEPS[key] = (held, res)       # held: so that the ids stay theirs
+    return res
+
+
 # Transitions a latch remembers for inquiry (the oldest are dropped): a latch that flaps for
 # days must not grow without bound.
 HISTORY_LIMIT = 32
@@ -439,6 +465,14 @@ class Latch:
         would show now follows from that alone, the latch takes it in: [] (no effect: the IN
         pin names a reqid, not SAs). None when it does not: observe instead."""
         return self.handle("inbound-gone", keys)
+
+    def carried(self, params: LatchParams, moved: bool) -> list[Effect]:
+        """The caller judged, without an Observation, that the connection is carried by
+        `params`' SAs with the latched identities and protection (every SA of the flow of a
+        class for which keeps() holds; params keep the latched local, peer and protection):
+        moved=True when the OUT SA changed (a rekey: the pin moves), False when only the
+        accepted inbound SAs did. The effects are those observe() gives for the same SAs."""
+        return self.handle("carried", (params, moved))
 
     def accept(self, obs: Observation) -> tuple["Latch", list[Effect]]:
         """On a listener latch: the latch of an accepted connection (pinned at once: the
@@ -509,6 +543,18 @@ class Latch:
         return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
                 Pin(params)]
 
+    def _carried(self, arg) -> list[Effect]:
+        params, moved = arg
+        latched = self.params
+        if not (params.protected and params.local is latched.local
+                and params.peer is latched.peer and params.protection is latched.protection):
+            raise LatchProtocolError("carried: not the latched identities and protection")
+        self.params = params
+        if not moved:
+            return []
+        return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
+                Pin(params)]
+
     def _inbound_gone(self, keys) -> list[Effect] | None:
         params = _without(self.params, keys)
         if params is None:
@@ -546,9 +592,10 @@ _TABLE = {
     (LatchState.LATCHING, "close"): Latch._close_latching,
     (LatchState.ESTABLISHED, "observe"): Latch._observe_established,
     (LatchState.ESTABLISHED, "inbound-gone"): Latch._inbound_gone,
+    (LatchState.ESTABLISHED, "carried"): Latch._carried,
     (LatchState.ESTABLISHED, "close"): Latch._close,
     (LatchState.BROKEN, "observe"): Latch._observe_broken,
     (LatchState.BROKEN, "close"): Latch._close,
 }
 
-INPUTS = ("begin", "confirm", "observe", "inbound-gone", "accept", "close")
+INPUTS = ("begin", "confirm", "observe", "inbound-gone", "carried", "accept", "close")

@@ -21,7 +21,15 @@ from ipsecchan.xfrm.lookup import (BLOCK, BYPASS, NO_POLICY, NO_SA, PROTECTED, F
 from ipsecchan.xfrm.messages import (MODE_NAMES, PROTO_NAMES, Policy, SA, _addr_text,
                                      decode_policy, decode_sa)
 
-__all__ = ["Index", "IndexFormatError", "SARef"]
+__all__ = ["Index", "IndexFormatError", "SARef", "FOLLOW_IN", "KEEP", "MOVED", "INBOUND",
+           "NEED", "SLOW", "TAG_MAX"]
+
+# Index.revalidate's verdicts (see csrc/xfrm_index.h), and how many inbound SAs it follows.
+KEEP, MOVED, INBOUND, NEED, SLOW = (lib.IPSECCHAN_XIDX_KEEP, lib.IPSECCHAN_XIDX_MOVED,
+                                    lib.IPSECCHAN_XIDX_INBOUND, lib.IPSECCHAN_XIDX_NEED,
+                                    lib.IPSECCHAN_XIDX_SLOW)
+FOLLOW_IN = lib.IPSECCHAN_XIDX_FOLLOW_IN   # (the C header's; slots' handle stride - 1)
+TAG_MAX = lib.IPSECCHAN_XIDX_TAG_MAX
 
 _VERDICTS = {lib.IPSECCHAN_XIDX_PROTECTED: PROTECTED, lib.IPSECCHAN_XIDX_BYPASS: BYPASS,
              lib.IPSECCHAN_XIDX_BLOCK: BLOCK, lib.IPSECCHAN_XIDX_NO_POLICY: NO_POLICY,
@@ -86,6 +94,7 @@ _pr_direction, _pr_verdict, _pr_policy, _pr_per_socket, _pr_sas, _pr_cleartext =
     PathResult.__dict__[f].__set__ for f in ("direction", "verdict", "policy", "per_socket",
                                              "sas", "cleartext_accepted"))
 _EXPIRE, _FLUSHSA = lib.XFRM_MSG_EXPIRE, lib.XFRM_MSG_FLUSHSA
+_PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()}
 _IN_BLOCK = lib.IPSECCHAN_XIDX_DEFAULT_IN_BLOCK
 _OUT_BLOCK = lib.IPSECCHAN_XIDX_DEFAULT_OUT_BLOCK
 
@@ -135,6 +144,8 @@ class Index:
         self._len = ffi.new("size_t *")
         self._bad = ffi.new("size_t *")
         self._applied = ffi.new("int64_t *")
+        self._follow = None                          # the followed flows, made on first use
+        self._verdicts_cap = 0
 
     # -- lifecycle --
     def close(self) -> None:
@@ -247,6 +258,115 @@ class Index:
             self._prot_keys.clear()
         refs[h] = ref
         return ref
+
+    # -- class tags and followed flows --
+    # Revalidating thousands of latches after a rekey takes one C call: each latch's flow is
+    # looked up and its SAs' class tags compared there, and only what C cannot settle comes
+    # back to Python (ipsecchan_xfollow_revalidate; the latch engine keeps the Python
+    # judgement as the reference and as the path for everything else).
+    def set_tag(self, handle: int, tag: int) -> bool:
+        """Label a current SA record with a class tag (False: the handle is stale)."""
+        return lib.ipsecchan_xidx_sa_set_tag(self._x, handle, tag) == 0
+
+    def tag(self, handle: int) -> int:
+        return lib.ipsecchan_xidx_sa_tag(self._x, handle)
+
+    def clear_tags(self) -> None:
+        lib.ipsecchan_xidx_clear_tags(self._x)
+
+    def _follows(self):
+        if self._follow is None:
+            ptr = lib.ipsecchan_xfollow_new()
+            if ptr == ffi.NULL:
+                raise MemoryError("ipsecchan_xfollow_new")
+            self._follow = ffi.gc(ptr, lib.ipsecchan_xfollow_free)
+            self._entry = ffi.new("struct ipsecchan_xidx_follow *")
+        return self._follow
+
+    def follow(self, slot: int, flow: Flow, tag: int, out_key: tuple, out_reqid: int,
+               in_keys) -> None:
+        """Follow a flow in `slot`: its SAs must carry `tag`, and those carrying it now have
+        these keys ((family, dst, proto, spi), as SARef.key). ValueError for what C cannot
+        follow (more than FOLLOW_IN inbound SAs, an unknown protocol or family)."""
+        table = self._follows()
+        e = self._entry
+        if len(in_keys) > lib.IPSECCHAN_XIDX_FOLLOW_IN:
+            raise ValueError("too many inbound SAs to follow in C")
+        f = e.flow
+        f.local = _ADDRS.get(flow.local) or _addr16(flow.local)
+        f.remote = _ADDRS.get(flow.remote) or _addr16(flow.remote)
+        f.mark, f.if_id, f.ifindex = flow.mark, flow.if_id, flow.ifindex
+        f.family, f.local_port, f.remote_port, f.proto = (flow.family, flow.local_port,
+                                                         flow.remote_port, flow.proto)
+        e.tag = tag
+        e.nin = len(in_keys)
+        self._key(e.out, out_key, out_reqid)
+        ins = getattr(e, "in")                     # (a Python keyword)
+        for i, k in enumerate(in_keys):
+            self._key(ins[i], k, 0)
+        r = lib.ipsecchan_xfollow_set(table, slot, e)
+        if r == lib.IPSECCHAN_XIDX_ENOMEM:
+            raise MemoryError("XFRM index: out of memory")
+        if r < 0:
+            raise ValueError(f"cannot follow slot {slot} (error {r})")
+
+    @staticmethod
+    def _key(k, key: tuple, reqid: int) -> None:
+        family, dst, proto, spi = key
+        num = _PROTO_NUMBERS.get(proto)
+        if num is None or family not in (2, 10):
+            raise ValueError(f"cannot follow SA {key!r} in C")
+        k.dst = _ADDRS.get(dst) or _addr16(dst)
+        k.spi, k.reqid, k.family, k.proto = spi, reqid, family, num
+
+    def unfollow(self, slot: int) -> None:
+        if self._follow is not None:
+            lib.ipsecchan_xfollow_drop(self._follow, slot)
+
+    def followed(self, slot: int) -> tuple | None:
+        """(tag, OUT key, OUT reqid, IN keys) that slot follows now; None when none."""
+        if self._follow is None:
+            return None
+        e = ffi.new("struct ipsecchan_xidx_follow *")
+        if lib.ipsecchan_xfollow_get(self._follow, slot, e) < 0 or not e.tag:
+            return None
+
+        def key(k):
+            value = int.from_bytes(ffi.unpack(k.dst, 16), "big")
+            addr = ipaddress.IPv4Address(value) if k.family == 2 else \
+                ipaddress.IPv6Address(value)
+            return (k.family, str(addr), PROTO_NAMES.get(k.proto), k.spi)
+        ins = getattr(e, "in")
+        return (e.tag, key(e.out), e.out.reqid, tuple(key(ins[i]) for i in range(e.nin)))
+
+    def follow_memory_bytes(self) -> int:
+        return 0 if self._follow is None else lib.ipsecchan_xfollow_memory(self._follow)
+
+    def set_tags(self, handles: list[int], tags: list[int]) -> list[bool]:
+        """set_tag for many records in one call."""
+        n = len(handles)
+        done = ffi.new("uint8_t[]", n)
+        lib.ipsecchan_xidx_set_tags(self._x, handles, tags, n, done)
+        return [bool(d) for d in ffi.unpack(done, n)]
+
+    def revalidate(self, slots: list[int]) -> tuple[bytes, bytes, list[int]]:
+        """Judge the followed flows of `slots` against the index now: (codes, nsas, handles)
+        with, per slot i, its code (KEEP ... SLOW) and nsas[i] SA handles from
+        handles[i * (1 + FOLLOW_IN)]."""
+        table = self._follows()
+        n = len(slots)
+        stride = 1 + FOLLOW_IN
+        if n > self._verdicts_cap:
+            self._verdicts_cap = cap = max(n, 2 * self._verdicts_cap, 64)
+            self._codes = ffi.new("uint8_t[]", cap)
+            self._nsas = ffi.new("uint8_t[]", cap)
+            self._vhandles = ffi.new("uint64_t[]", cap * stride)
+        defaults = (_IN_BLOCK if self.default_in == "block" else 0) \
+            | (_OUT_BLOCK if self.default_out == "block" else 0)
+        lib.ipsecchan_xfollow_revalidate(table, self._x, ffi.new("uint32_t[]", slots), n,
+                                         defaults, self._codes, self._nsas, self._vhandles)
+        return (ffi.buffer(self._codes, n)[:], ffi.buffer(self._nsas, n)[:],
+                ffi.unpack(self._vhandles, n * stride))
 
     def clear(self) -> None:
         lib.ipsecchan_xidx_clear(self._x)
