@@ -84,37 +84,46 @@ class StaticSource:
                 self._by_reqid.setdefault(r.reqid, r)
             elif r.kind == "addr":
                 self._by_addr.setdefault(r.peer_addr, (i, r))
+        # Answers, by what they are made of: a rekey of thousands of SAs under one rule asks
+        # thousands of times for the same answer (an SAIdentity is immutable).
+        self._answers: dict[tuple, SAIdentity] = {}
 
     @classmethod
     def from_file(cls, path: str) -> "StaticSource":
         with open(path) as f:
             return cls(json.load(f))
 
-    def _find(self, sa) -> Rule | None:
-        proto, dst, src = norm_proto(sa.proto), norm_addr(sa.dst), norm_addr(sa.src)
+    def _find(self, sa, proto: str, src: str, dst: str) -> Rule | None:
         spi, reqid = int(sa.spi), int(getattr(sa, "reqid", 0) or 0)
-        r = self._by_spi.get((spi, proto, dst))
+        r = self._by_spi.get((spi, proto, dst)) if self._by_spi else None
         if r is None and reqid:
             r = self._by_reqid.get(reqid)
-        if r is None:
+        if r is None and self._by_addr:
             hits = [h for h in (self._by_addr.get(src), self._by_addr.get(dst)) if h]
             r = min(hits, key=lambda h: h[0])[1] if hits else None
         return r
 
     def identify(self, sa) -> SAIdentity:
-        r = self._find(sa)
+        proto, src, dst = norm_proto(sa.proto), norm_addr(sa.src), norm_addr(sa.dst)
+        r = self._find(sa, proto, src, dst)
         if r is None:
             return unknown(SOURCE, "no static rule names this SA")
         # The direction of an SPI or reqid rule's SA is not known here (no local addresses
         # are configured); an address rule names the peer, so the other end is local.
-        src, dst = norm_addr(sa.src), norm_addr(sa.dst)
         local_addr = remote_addr = None
         if r.kind == "addr":
             remote_addr, local_addr = r.peer_addr, (dst if r.peer_addr == src else src)
-        return SAIdentity(State.VERIFIED, SOURCE, reason=f"static {r.kind} rule",
-                          local=r.local, peer=r.peer, reqid=int(sa.reqid or 0) or None,
-                          proto=norm_proto(sa.proto), mode=getattr(sa, "mode", None),
-                          local_addr=local_addr, remote_addr=remote_addr)
+        reqid, mode = int(sa.reqid or 0) or None, getattr(sa, "mode", None)
+        key = (id(r), reqid, proto, mode, local_addr, remote_addr)   # (rules live as long)
+        ans = self._answers.get(key)
+        if ans is None:
+            if len(self._answers) >= 65536:
+                self._answers.clear()
+            ans = self._answers[key] = SAIdentity(
+                State.VERIFIED, SOURCE, reason=f"static {r.kind} rule", local=r.local,
+                peer=r.peer, reqid=reqid, proto=proto, mode=mode, local_addr=local_addr,
+                remote_addr=remote_addr)
+        return ans
 
     def snapshot(self) -> list[SAIdentity]:
         return []          # the static source knows rules, not SAs

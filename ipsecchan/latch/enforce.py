@@ -20,11 +20,6 @@ from ipsecchan.xfrm.netlink_xfrm import policy_header, policy_level, template_by
 
 _RAW_FAMILY = _socket.socket.family.__get__     # (the property converts to an enum)
 
-# The two buffers of a pin, by (family, ids of the pinned SAFacts): latches on the same SAs
-# share the engine's SAFacts objects. The entry holds those objects, so their ids stay theirs.
-# Latches sharing SAs are made close together (connections to one peer, a rekey round): a
-# small table serves them, and a big one would only hold memory.
-_PINS: dict[tuple, tuple] = {}
 _PINS_LIMIT = 256
 
 
@@ -47,22 +42,51 @@ def _pin(sock, family: int, params: LatchParams, in_set: bytes | None = None) ->
     this latch set on it last (None: not known): not set again when unchanged (a rekey moves
     the OUT pin to the new SA; the IN pin names the reqid, which stays)."""
     level = _level(sock)
-    sas = params.out_sas + params.in_sas
-    key = (family, len(params.out_sas), *map(id, sas))
-    hit = _PINS.get(key)
-    if hit is None or not all(a is b for a, b in zip(hit[0], sas)):
-        out, inbound = pin_templates(params, family)
-        if len(_PINS) >= _PINS_LIMIT:
-            _PINS.clear()
-        # (Packed from the templates' fields: a rekey re-pins every socket of the SAs it
-        # replaces, each pin on a new SPI, so Template objects would be built only to pack.)
-        hit = _PINS[key] = (
-            sas, policy_header(family, "out") + b"".join([template_bytes(*t) for t in out]),
-            policy_header(family, "in") + b"".join([template_bytes(*t) for t in inbound]))
-    sock.setsockopt(level[0], level[1], hit[1])
-    if hit[2] != in_set:
-        sock.setsockopt(level[0], level[1], hit[2])
-    return hit[2]
+    sock.setsockopt(level[0], level[1], _out_policy(family, params.out_sas))
+    inbound = _in_policy(family, params)
+    if inbound != in_set:
+        sock.setsockopt(level[0], level[1], inbound)
+    return inbound
+
+
+# The policies of pins, by what they are made of (latches on the same SAs share the engine's
+# SAFacts objects; the entry holds them, so that their ids stay theirs). Latches sharing SAs
+# are made close together (connections to one peer, a rekey round): small tables serve them,
+# and big ones would only hold memory.
+_OUT_POLICIES: dict[tuple, tuple] = {}
+_IN_POLICIES: dict[tuple, bytes] = {}
+
+
+def _out_policy(family: int, out_sas) -> bytes:
+    key = (family, *map(id, out_sas))
+    hit = _OUT_POLICIES.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], out_sas)):
+        return hit[1]
+    if len(_OUT_POLICIES) >= _PINS_LIMIT:
+        _OUT_POLICIES.clear()
+    # (Packed from the templates' fields: a rekey re-pins every socket of the SAs it
+    # replaces, each pin on a new SPI, so Template objects would be built only to pack.)
+    b = policy_header(family, "out") + b"".join(
+        [template_bytes(family, sa.src, sa.key[1], sa.protection.proto, sa.key[3], sa.reqid,
+                        sa.protection.mode, False) for sa in out_sas])
+    _OUT_POLICIES[key] = (out_sas, b)
+    return b
+
+
+def _in_policy(family: int, params: LatchParams) -> bytes:
+    """The IN policy of a pin (pin_templates' IN half, packed), by the kinds of SA it names:
+    one template per layer of the bundle (reqid, protocol, mode; a tunnel's endpoints)."""
+    key = (family, *[(sa.reqid, sa.protection.proto, sa.protection.mode)
+                     if sa.protection.mode == "transport" else
+                     (sa.reqid, sa.protection.proto, sa.protection.mode, sa.src, sa.key[1])
+                     for sa in _bundle(params.in_sas, len(params.out_sas))])
+    b = _IN_POLICIES.get(key)
+    if b is None:
+        if len(_IN_POLICIES) >= 4 * _PINS_LIMIT:
+            _IN_POLICIES.clear()
+        b = _IN_POLICIES[key] = policy_header(family, "in") + b"".join(
+            [template_bytes(*t) for t in pin_templates(params, family)[1]])
+    return b
 
 
 def pin_templates(params: LatchParams, family: int) -> tuple[list[tuple], list[tuple]]:
@@ -80,6 +104,8 @@ def pin_templates(params: LatchParams, family: int) -> tuple[list[tuple], list[t
 def _bundle(in_sas, depth: int):
     # The IN policy lists one template per layer of the bundle; several accepted SAs of one
     # layer (old and new during a rekey) share its reqid, protocol and mode.
+    if depth <= 1:
+        return in_sas[:1]           # (the common case: one layer, the first SA's kind)
     seen, layers = set(), []
     for sa in in_sas:
         kind = (sa.reqid, sa.protection.proto, sa.protection.mode)

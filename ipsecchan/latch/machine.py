@@ -179,6 +179,9 @@ class Alert:
 
 
 Effect = Pin | Block | Release | Alert
+# A rekey's alert (immutable, so one object serves every latch: a rekey of thousands of
+# connections tells each of them).
+_REKEYED = Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True)
 
 
 # ---- the machine ----
@@ -540,8 +543,7 @@ class Latch:
             # the IN pin (by reqid) stands, nothing to tell.
             return []
         # A rekey: the same identities and protection on new SAs. The pin moves to them.
-        return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
-                Pin(params)]
+        return [_REKEYED, Pin(params)]
 
     def _carried(self, arg) -> list[Effect]:
         params, moved = arg
@@ -552,8 +554,7 @@ class Latch:
         self.params = params
         if not moved:
             return []
-        return [Alert(LatchState.ESTABLISHED, LatchState.ESTABLISHED, rekeyed=True),
-                Pin(params)]
+        return [_REKEYED, Pin(params)]
 
     def _inbound_gone(self, keys) -> list[Effect] | None:
         params = _without(self.params, keys)
