@@ -200,7 +200,7 @@ void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *idx);
 struct ipsecchan_xidx_sakey { char dst[16]; uint32_t spi; uint32_t reqid; uint16_t family;
     uint8_t proto; ...; };
 struct ipsecchan_xidx_follow { struct ipsecchan_xidx_flow flow; uint32_t tag; uint32_t nin;
-    struct ipsecchan_xidx_sakey out; struct ipsecchan_xidx_sakey in[4]; ...; };
+    struct ipsecchan_xidx_sakey out; struct ipsecchan_xidx_sakey in[3]; ...; };
 struct ipsecchan_xfollow;
 struct ipsecchan_xfollow *ipsecchan_xfollow_new(void);
 void ipsecchan_xfollow_free(struct ipsecchan_xfollow *t);

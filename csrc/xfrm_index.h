@@ -168,7 +168,7 @@ void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *idx);
  *   SLOW     anything else (another class, other verdicts, bundles, a slot not followed):
  *            the caller's full judgement.
  * MOVED and INBOUND give the handles of the OUT SA then the IN SAs; NEED those untagged. */
-#define IPSECCHAN_XIDX_FOLLOW_IN 4
+#define IPSECCHAN_XIDX_FOLLOW_IN 3
 enum { IPSECCHAN_XIDX_KEEP = 0, IPSECCHAN_XIDX_MOVED = 1, IPSECCHAN_XIDX_INBOUND = 2,
        IPSECCHAN_XIDX_NEED = 3, IPSECCHAN_XIDX_SLOW = 4 };
 struct ipsecchan_xidx_sakey {

@@ -62,7 +62,7 @@ void ipsecchan_xidx_set_tags(struct ipsecchan_xidx *, const uint64_t *, const ui
 struct ipsecchan_xidx_sakey { char dst[16]; uint32_t spi; uint32_t reqid; uint16_t family;
     uint8_t proto; uint8_t pad; };
 struct ipsecchan_xidx_follow { struct ipsecchan_xidx_flow flow; uint32_t tag; uint32_t nin;
-    struct ipsecchan_xidx_sakey out; struct ipsecchan_xidx_sakey in[4]; };
+    struct ipsecchan_xidx_sakey out; struct ipsecchan_xidx_sakey in[3]; };
 struct ipsecchan_xfollow;
 struct ipsecchan_xfollow *ipsecchan_xfollow_new(void);
 void ipsecchan_xfollow_free(struct ipsecchan_xfollow *);
@@ -269,8 +269,8 @@ def follows(x, t):
             f.local, f.remote = rnd.choice(ADDRS), rnd.choice(ADDRS)
             f.family = rnd.choice([2, 10])
         e.tag = rnd.choice([0, 1, 2])
-        e.nin = rnd.choice([0, 1, 2, 4, 5, 0xFFFFFFFF])
-        keys = [e.out] + [getattr(e, "in")[i] for i in range(4)]
+        e.nin = rnd.choice([0, 1, 2, 3, 4, 0xFFFFFFFF])
+        keys = [e.out] + [getattr(e, "in")[i] for i in range(3)]
         for k in keys:
             if hs and rnd.random() < 0.7 and \
                     lib.ipsecchan_xidx_sa_info(x, rnd.choice(hs), info, ffi.NULL, 0) == 0:
@@ -280,7 +280,7 @@ def follows(x, t):
                 k.family, k.proto = rnd.choice([2, 10]), 50
         slot = rnd.choice([0, 1, 2, 7, 63, 64, 65, 300, 0xFFFFFFFF, 0x80000000])
         r = lib.ipsecchan_xfollow_set(t, slot, e)
-        assert r in (0, -106) and (r == -106) == (e.nin > 4 or slot >= 0x7FFFFFFF)
+        assert r in (0, -106) and (r == -106) == (e.nin > 3 or slot >= 0x7FFFFFFF)
         got = ffi.new("struct ipsecchan_xidx_follow *")
         assert lib.ipsecchan_xfollow_get(t, slot, got) == (0 if r == 0 else -1) or r != 0
     if rnd.random() < 0.2:
@@ -292,11 +292,11 @@ def follows(x, t):
     for i, sl in enumerate(slots):
         s_arr[i] = sl
     codes, nsas = alloc("uint8_t[]", max(n, 1)), alloc("uint8_t[]", max(n, 1))
-    out = alloc("uint64_t[]", max(n * 5, 1))
+    out = alloc("uint64_t[]", max(n * 4, 1))
     assert lib.ipsecchan_xfollow_revalidate(t, x, s_arr, n, rnd.randrange(4), codes, nsas,
                                             out) == 0
     for i in range(n):
-        assert codes[i] <= 4 and nsas[i] <= 5
+        assert codes[i] <= 4 and nsas[i] <= 4
         CODES[codes[i]] += 1
     if rnd.random() < 0.05:
         lib.ipsecchan_xidx_clear_tags(x)

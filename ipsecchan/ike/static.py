@@ -117,7 +117,7 @@ class StaticSource:
         key = (id(r), reqid, proto, mode, local_addr, remote_addr)   # (rules live as long)
         ans = self._answers.get(key)
         if ans is None:
-            if len(self._answers) >= 65536:
+            if len(self._answers) >= 16384:
                 self._answers.clear()
             ans = self._answers[key] = SAIdentity(
                 State.VERIFIED, SOURCE, reason=f"static {r.kind} rule", local=r.local,

@@ -82,7 +82,7 @@ def _in_policy(family: int, params: LatchParams) -> bytes:
                      for sa in _bundle(params.in_sas, len(params.out_sas))])
     b = _IN_POLICIES.get(key)
     if b is None:
-        if len(_IN_POLICIES) >= 4 * _PINS_LIMIT:
+        if len(_IN_POLICIES) >= _PINS_LIMIT:
             _IN_POLICIES.clear()
         b = _IN_POLICIES[key] = policy_header(family, "in") + b"".join(
             [template_bytes(*t) for t in pin_templates(params, family)[1]])

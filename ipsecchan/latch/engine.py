@@ -213,7 +213,6 @@ class Latcher:
         self._round = 0
         self._valid = (1, 0)             # what a cached verified answer must carry to stand
         self._parties: dict = {}         # Identity -> Party
-        self._parties_by_id: dict = {}   # id(Identity) -> (Identity, Party)
         self._sides: dict = {}           # ids of SAFacts -> a (shared) tuple of them
         self._protections: dict = {}     # (proto, mode, algorithms, encap) -> Protection
         self._seen: dict = {}            # this round's observations, by index answer (_observe)
@@ -244,19 +243,11 @@ class Latcher:
     def _party_of(self, ident) -> Party | None:
         if ident is None:
             return None
-        # By the answer's object first (sources hand out the same Identity objects again;
-        # hashing one by value costs more), then by value: equal identities, one Party.
-        hit = self._parties_by_id.get(id(ident))
-        if hit is not None and hit[0] is ident:
-            return hit[1]
         p = self._parties.get(ident)
         if p is None:
             if len(self._parties) > _CACHE_LIMIT:
                 self._parties.clear()
             p = self._parties[ident] = _party(ident)
-        if len(self._parties_by_id) > _CACHE_LIMIT:
-            self._parties_by_id.clear()
-        self._parties_by_id[id(ident)] = (ident, p)      # (held: its id stays its own)
         return p
 
     def _protection_of(self, sa: SA | SARef) -> Protection:
@@ -290,6 +281,7 @@ class Latcher:
 
     def _untag_all(self) -> None:
         self._tagged.clear()
+        self._carried_memo.clear()           # (made of the facts the tags stood for)
         self.view.index.clear_tags()
 
     def _class_tag(self, f: SAFacts) -> int:
@@ -859,7 +851,8 @@ class Latcher:
                     asked.update(hs[first:first + nsas[i]])
             if asked:
                 self._identify_and_tag(asked)
-            hids = need
+            # (Tags running out meanwhile unfollows every latch: those are Python's now.)
+            hids = [hid for hid in need if handles[hid].slot >= 0]
         return settled
 
     def _identify_and_tag(self, sa_handles) -> None:

@@ -391,10 +391,10 @@ def keeps(latched: LatchParams, sa: SAFacts, req: Requirements) -> bool:
     SA, keeps a latch with these parameters ESTABLISHED. Such a judgement depends on nothing
     else (not on SPIs, reqids or addresses): this is what lets the caller settle it by a class
     tag per SA (the engine's revalidation in C) and feed the result in with carried()."""
-    key = (id(latched.local), id(latched.peer), id(latched.protection), id(sa.local),
-           id(sa.peer), id(sa.protection), req)
+    # (By the protections themselves, not their tuple: each latch has a tuple of its own.)
+    held = (latched.local, latched.peer, *latched.protection, sa.local, sa.peer, sa.protection)
+    key = (*map(id, held), req)
     hit = _KEEPS.get(key)
-    held = (latched.local, latched.peer, latched.protection, sa.local, sa.peer, sa.protection)
     if hit is not None and all(a is b for a, b in zip(hit[0], held)):
         return hit[1]
     if not latched.protected or sa.local is None or sa.peer is None:
@@ -402,7 +402,7 @@ def keeps(latched: LatchParams, sa: SAFacts, req: Requirements) -> bool:
     else:
         obs = Observation(True, "protected", "protected", (sa,), (sa,))
         res = _judge(obs, latched, req)[1] is None
-    if len(_KEEPS) >= _MEMO_LIMIT:
+    if len(_KEEPS) >= 1024:        # (one entry per class and latched parties: few)
         _KEEPS.clear()
     _KEEPS[key] = (held, res)       # held: so that the ids stay theirs
     return res
