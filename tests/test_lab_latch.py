@@ -18,6 +18,17 @@ r = {}
 src = StrongSwanSource(VICI)
 src.wait_connected(10)
 lat = Latcher(src)
+# What the C index settled (revalidation in C), and how many latches Python observed.
+settled, observed = [], []
+real_revalidate, real_observe = lat.view.index.revalidate, lat._observe
+def revalidate(slots):
+    codes, nsas, hs = real_revalidate(slots)
+    settled.extend(codes)
+    return codes, nsas, hs
+def observe(*a, **k):
+    observed.append(1)
+    return real_observe(*a, **k)
+lat.view.index.revalidate, lat._observe = revalidate, observe
 
 def until(handle, pred, wait=10):
     end = time.monotonic() + wait
@@ -42,20 +53,26 @@ def session():
     return vici.Session(c)
 
 old = [x.key[3] for x in p.out_sas]
+r["followed"] = [h.slot >= 0]
+del settled[:], observed[:]
 session().rekey({"child": CHILD})
 r["rekeyed"] = until(h, lambda h: [x.key[3] for x in h.latch.params.out_sas] != old)
+# (charon deletes the old SAs a little later: those rounds are C's too)
+until(h, lambda h: len(h.latch.params.in_sas) == 1, 5)
+r["in_c"] = [h.slot >= 0, sorted(set(settled)), len(observed)]
 r["after_rekey"] = [h.state.value, [a.rekeyed for a in h.alerts],
                     h.latch.params.peer.id, stream.exchange(b"two" * 200, 5)]
 
 subprocess.run(["ip", "xfrm", "state", "flush"], check=True)
 r["flushed"] = until(h, lambda h: h.state.value == "BROKEN")
-r["broken"] = [h.state.value, h.latch.cause.value, stream.exchange(b"three" * 200, 2)]
+r["broken"] = [h.state.value, h.latch.cause.value, stream.exchange(b"three" * 200, 2),
+               h.slot >= 0]
 
 # bob re-establishes: a fresh IKE_SA (charon still holds the flushed CHILD_SA otherwise).
 list(session().terminate({"ike": CONN, "timeout": 10000}))
 list(session().initiate({"ike": CONN, "child": CHILD, "timeout": 10000}))
 r["resolved"] = until(h, lambda h: h.state.value == "ESTABLISHED", 15)
-r["after_resolve"] = [h.latch.params.peer.id, stream.exchange(b"", 15)]
+r["after_resolve"] = [h.latch.params.peer.id, stream.exchange(b"", 15), h.slot >= 0]
 
 lat.release(h)
 r["released"] = [pol.dir for pol in dump_policies() if pol.per_socket and pol.templates]
@@ -96,9 +113,18 @@ def test_latch_rekey_break_resolve(lab, auth):
     assert r["one"]
     assert r["rekeyed"], "the latch did not follow the CHILD_SA rekey"
     assert r["after_rekey"] == ["ESTABLISHED", [False, True], link.b_id, True]
+    # The latch is followed by the C index before and after the rekey, and the index
+    # settled the rekey's last step itself (the old inbound SA gone). Its first step (the
+    # new SAs) is C's too when charon has named them by then; if the kernel had them first,
+    # the latch waited in Python for their identities (pending), as before.
+    from ipsecchan.xfrm.index import INBOUND, MOVED
+    followed, codes, observed = r["in_c"]
+    assert r["followed"] == [True] and followed, r["in_c"]
+    assert INBOUND in codes and (MOVED in codes or observed > 0), r["in_c"]
     assert r["flushed"] and r["broken"][:2] == ["BROKEN", "no-sa"] and r["broken"][2] is False
+    assert r["broken"][3] is False                        # BROKEN: Python's, not followed
     assert r["resolved"], "the latch did not come back when bob's SAs returned"
-    assert r["after_resolve"] == [link.b_id, True]
+    assert r["after_resolve"] == [link.b_id, True, True]  # followed in C again
     assert r["released"] == []
     assert r["history"] == [["LATCHING", "ESTABLISHED", None],
                             ["ESTABLISHED", "ESTABLISHED", None],
