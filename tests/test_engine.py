@@ -482,3 +482,72 @@ def test_latching_again_to_what_was_latched_before(monkeypatch):
         assert [h for h in rt.latcher.latches() if h.sock is s] == []
     finally:
         rt.close()
+
+
+import errno as errno_                                          # noqa: E402
+
+
+class _Broken:
+    """A monitor whose next read fails (the notification socket went bad)."""
+
+    def __init__(self, feed):
+        self.feed, self.fail = feed, True
+
+    def read(self):
+        if self.fail:
+            self.fail = False
+            raise OSError(errno_.EIO, "netlink read failed")
+        return self.feed.read()
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("follow_in_c", [True, False])
+def test_unreadable_notifications_rebuild_the_view_or_break_every_latch(follow_in_c):
+    # Notifications may be lost when their socket fails: the round rebuilds the view from a
+    # dump and judges every latch against it; when even that fails, the truth cannot be
+    # read and every latch is BROKEN (not verified) and blocked, never left ESTABLISHED on a
+    # view that may be stale. Both with the index settling rekeys in C and without.
+    lat, view, src = _world(EpochSource())
+    lat.follow_in_c = follow_in_c
+    s1, s2 = Sock(), Sock(40001)
+    h1, h2 = lat.latch(s1), lat.latch(s2)
+    assert (h1.slot >= 0) is follow_in_c
+    dump = encode.dump([_sa(LOCAL, PEER, 0x100), _sa(PEER, LOCAL, 0x200)],
+                       view.index.policies())
+    rebuilt = []
+
+    def resync():                     # a dump of what the kernel holds: the same SAs
+        rebuilt.append(1)
+        view.index.clear()
+        view.index.apply(dump)
+    view.resync = resync
+    view.monitor = _Broken(view.monitor)
+    assert lat.poll() == [] and rebuilt == [1]
+    assert h1.state is h2.state is LatchState.ESTABLISHED
+
+    def no_dump():
+        raise OSError(errno_.ENOBUFS, "dump failed")
+    view.resync = no_dump
+    view.monitor = _Broken(view.monitor.feed)
+    alerts = lat.poll()
+    assert sorted((h.id, a.new, a.cause) for h, a in alerts) == [
+        (h1.id, LatchState.BROKEN, Cause.NOT_VERIFIED),
+        (h2.id, LatchState.BROKEN, Cause.NOT_VERIFIED)]
+    assert "dump failed" in h1.latch.detail
+    for s in (s1, s2):
+        assert s.ops[-2:] == [("out", None, "block"), ("in", None, "block")]
+    # Still no dump: a new latch is refused (unverified), and the next round changes nothing.
+    with pytest.raises(LatchRefused) as exc:
+        lat.latch(Sock(40002))
+    assert exc.value.cause is Cause.NOT_VERIFIED
+    view.monitor = view.monitor.feed
+    assert lat.poll() == [] and h1.state is LatchState.BROKEN
+    # A dump works again: the view is rebuilt, and the latches come back (their SAs are the
+    # latched ones), with no notification needed.
+    view.resync = resync
+    alerts = lat.poll()
+    assert rebuilt == [1, 1] and len(alerts) == 2
+    assert h1.state is h2.state is LatchState.ESTABLISHED
+    assert lat.latch(Sock(40003)).state is LatchState.ESTABLISHED

@@ -34,7 +34,7 @@ from ipsecchan.latch.registry import LatchRegistry
 from ipsecchan.xfrm import Template, set_socket_policy
 from ipsecchan.xfrm.lookup import Flow
 from ipsecchan.xfrm.index import FOLLOW_IN, INBOUND, KEEP, MOVED, NEED, TAG_MAX, Index, SARef
-from ipsecchan.xfrm.messages import SA
+from ipsecchan.xfrm.messages import SA, XfrmEvent
 
 log = logging.getLogger("ipsecchan")
 _PROTOS = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}
@@ -199,6 +199,7 @@ class Latcher:
         self.handles: dict[int, LatchHandle] = {}
         self._ids = itertools.count(1)
         self._backlog: list = []     # XFRM events read while observing, for the next poll()
+        self._view_lost: OSError | None = None    # notifications lost, view not rebuilt yet
         self._pending: set[int] = set()   # latches whose last observation was pending
         # Per SA key, the last verified answer: [SA record, SAFacts, validity]. The facts stand
         # while the index hands out the same record (one object per version of an SA) and the
@@ -395,6 +396,8 @@ class Latcher:
             return self._observe(flow, fresh)
 
     def _observe(self, flow: Flow, fresh: bool = True) -> Observation:
+        if self._view_lost is not None:
+            return Observation(False, reason=f"XFRM view not rebuilt since: {self._view_lost}")
         if fresh:
             try:
                 self._take(self.view.poll())
@@ -708,10 +711,25 @@ class Latcher:
     def _round_of_events(self) -> list[tuple[LatchHandle, Alert]]:
         self._next_round()
         touched: set[int] = set()
+        unreadable = None
         try:
+            if self._view_lost is not None:
+                raise self._view_lost
             self._take(self.view.poll(0))
-        except OSError:
+        except OSError as exc:
+            # Notifications could not be read, so some may be lost: the view is rebuilt
+            # from a dump, and every latch judged against it. If that fails too, the kernel's
+            # truth cannot be read: every latch is judged unverified (BROKEN, blocked), and
+            # so is every new one, until a rebuild succeeds (tried again every round).
             touched = self.registry.ids()
+            try:
+                self.view.resync()
+                self._view_lost = None
+                self._take([XfrmEvent("resync")])
+            except OSError as again:
+                self._view_lost = exc
+                unreadable = Observation(False, reason=f"XFRM notifications: {exc}; "
+                                                       f"dump: {again}")
         events, self._backlog = self._backlog, []
         collect, affected = self.registry.collect, self.registry.affected
         # SAs removed (a rekey's old ones going): a latch they alone reached, whose flow the
@@ -755,7 +773,7 @@ class Latcher:
             else:
                 touched.add(hid)                # (a latch followed in C: settled there)
         order = sorted(touched | pending)
-        settled = self._settle_in_c(order) if self._following() else {}
+        settled = self._settle_in_c(order) if self._following() and unreadable is None else {}
         out = []
         for hid in order:
             handle = handles.get(hid)
@@ -777,7 +795,7 @@ class Latcher:
                 # The view was brought up to date at the start of the round: every latch of
                 # the round is judged against the same view (events arriving meanwhile are
                 # the next round's), with no netlink read per latch.
-                obs = self._observe(handle.flow, fresh=False)
+                obs = unreadable or self._observe(handle.flow, fresh=False)
                 if obs.pending:
                     pending.add(hid)
                 else:
