@@ -185,7 +185,7 @@ class Runtime:
             try:
                 self.latcher.poll(0.5)
             except Exception:       # a bug must not silently stop break detection
-                log.exception("latch event handling failed; latches resynced")
+                log.exception("latch event handling failed; every latch is judged again")
                 time.sleep(0.1)
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_EVERY

@@ -551,3 +551,31 @@ def test_unreadable_notifications_rebuild_the_view_or_break_every_latch(follow_i
     assert rebuilt == [1, 1] and len(alerts) == 2
     assert h1.state is h2.state is LatchState.ESTABLISHED
     assert lat.latch(Sock(40003)).state is LatchState.ESTABLISHED
+
+
+@pytest.mark.parametrize("follow_in_c", [True, False])
+def test_a_failed_round_is_made_up_for_by_judging_every_latch(follow_in_c, monkeypatch):
+    # A bug or an allocation failure in the middle of a round: its events are consumed, so
+    # the next round judges every latch again (here: the SAs were flushed in the failed
+    # round, and no further notification comes).
+    lat, view, src = _world(EpochSource())
+    lat.follow_in_c = follow_in_c
+    s = Sock()
+    h = lat.latch(s)
+    real = lat._observe
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("in the middle of a round")
+        return real(*a, **k)
+    monkeypatch.setattr(lat, "_observe", failing)
+    view.feed(encode.flushsa())
+    with pytest.raises(MemoryError):
+        lat.poll()
+    assert h.state is LatchState.ESTABLISHED and lat.has_work()
+    alerts = lat.poll()
+    assert [(a.new, a.cause) for _, a in alerts] == [(LatchState.BROKEN, Cause.NO_SA)]
+    assert s.ops[-2:] == [("out", None, "block"), ("in", None, "block")]
+    assert lat.poll() == [] and not lat._judge_all

@@ -200,6 +200,7 @@ class Latcher:
         self._ids = itertools.count(1)
         self._backlog: list = []     # XFRM events read while observing, for the next poll()
         self._view_lost: OSError | None = None    # notifications lost, view not rebuilt yet
+        self._judge_all = False          # a round failed: judge every latch in the next one
         self._pending: set[int] = set()   # latches whose last observation was pending
         # Per SA key, the last verified answer: [SA record, SAFacts, validity]. The facts stand
         # while the index hands out the same record (one object per version of an SA) and the
@@ -681,7 +682,7 @@ class Latcher:
         asks watches view.monitor for those): notifications read meanwhile, latches waiting
         for their identities, IKE events. Read without the lock (a hint: a caller asks again
         at its next turn)."""
-        if self._backlog or self._pending:
+        if self._backlog or self._pending or self._judge_all:
             return True
         has = getattr(self.identities, "has_events", None)
         return has is None or has()
@@ -704,6 +705,11 @@ class Latcher:
             gc.disable()
         try:
             return self._round_of_events()
+        except BaseException:
+            # The round's events are consumed: whatever they should have done to which latch
+            # is not known. The next round judges every latch again.
+            self._judge_all = True
+            raise
         finally:
             if pause:
                 gc.enable()
@@ -711,6 +717,9 @@ class Latcher:
     def _round_of_events(self) -> list[tuple[LatchHandle, Alert]]:
         self._next_round()
         touched: set[int] = set()
+        if self._judge_all:
+            self._judge_all = False
+            touched = self.registry.ids()
         unreadable = None
         try:
             if self._view_lost is not None:
