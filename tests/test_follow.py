@@ -23,9 +23,18 @@ from ipsecchan.xfrm.index import INBOUND, KEEP, MOVED, NEED, SLOW, Index
 from ipsecchan.xfrm.messages import SA, Algorithm, Lifetime, Policy, Selector, Template
 from xfrm_feed import FedView
 
-V4 = socket.AF_INET
+# The world's addresses (IPv4 unless a test switches to IPv6 with _use_family).
+FAMILY = socket.AF_INET
 LOCAL = "10.0.0.1"
 PEERS = [f"10.0.1.{i}" for i in range(1, 5)]
+ADDRESSES = {socket.AF_INET: ("10.0.0.1", [f"10.0.1.{i}" for i in range(1, 5)]),
+             socket.AF_INET6: ("fd00::1", [f"fd00:1::{i}" for i in range(1, 5)])}
+
+
+def _use_family(monkeypatch, family):
+    local, peers = ADDRESSES[family]
+    for name, value in (("FAMILY", family), ("LOCAL", local), ("PEERS", peers)):
+        monkeypatch.setitem(globals(), name, value)
 INF = (1 << 64) - 1
 OLD = int(time.time()) - 600
 PROTECTIONS = {
@@ -38,18 +47,19 @@ WHO = {"peer": 32, "mallory": 66, "nobody": 77}
 
 
 def _sel(src, dst):
-    return Selector(V4, src, dst, 32, 32, 0, 0, 0, 0, 0, 0)
+    full = 32 if FAMILY == socket.AF_INET else 128
+    return Selector(FAMILY, src, dst, full, full, 0, 0, 0, 0, 0, 0)
 
 
 def _sa(src, dst, spi, reqid, prot="gcm256", who="peer", add_time=OLD):
-    return SA(src, dst, V4, "esp", spi, reqid, "transport", 0, WHO[who], _sel(src, dst), 0, 0,
+    return SA(src, dst, FAMILY, "esp", spi, reqid, "transport", 0, WHO[who], _sel(src, dst), 0, 0,
               add_time, 0, PROTECTIONS[prot], None, None, None, True, None,
               Lifetime(INF, INF, INF, INF, 0, 0, 0, 0), (0, 0), None)
 
 
 def _policies(i, bypass=False):
     peer, reqid = PEERS[i], i + 1
-    t = () if bypass else (Template(V4, "", "", "esp", 0, reqid, "transport", False),)
+    t = () if bypass else (Template(FAMILY, "", "", "esp", 0, reqid, "transport", False),)
     return [Policy("out", "allow", 100, 8 * (2 * i) + 1, _sel(LOCAL, peer), t, None, None,
                    None),
             Policy("in", "allow", 100, 8 * (2 * i + 1), _sel(peer, LOCAL), t, None, None,
@@ -91,9 +101,10 @@ class Source:
 class Sock:
     """A connected UDP socket as the engine sees it, recording every per-socket policy set
     on it (its bytes)."""
-    family, type = V4, socket.SOCK_DGRAM
+    type = socket.SOCK_DGRAM
 
     def __init__(self, peer, port):
+        self.family = FAMILY
         self.peer, self.port, self.ops = peer, port, []
 
     def getsockname(self):
@@ -243,8 +254,10 @@ class World:
             assert a.sock.ops == b.sock.ops
 
 
-@pytest.mark.parametrize("seed", range(24))
-def test_revalidation_in_c_agrees_with_the_python_judgement(seed):
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("seed", range(16))
+def test_revalidation_in_c_agrees_with_the_python_judgement(seed, family, monkeypatch):
+    _use_family(monkeypatch, family)
     rnd = random.Random(seed)
     w = World()
     for _ in range(12):
