@@ -527,8 +527,10 @@ def main(argv=None) -> int:
         "inprocess_bytes_per_latch<=2048":
             max(inproc["bytes_per_connector_latch"], inproc["bytes_per_accepted_latch"])
             <= 2048 if inproc else None,
-        "revalidate_s<=1": host["revalidate"]["total_s"] <= 1.0 if host else None,
-        "revalidate_no_latch_broken": host["revalidate"]["broken"] == 0 if host else None,
+        "revalidate_s<=1 (median)":
+            host["revalidate"]["total_s_median"] <= 1.0 if host else None,
+        "revalidate_no_latch_broken":
+            all(r["broken"] == 0 for r in host["revalidate"]["rounds"]) if host else None,
     }
     json.dump(res, sys.stdout, indent=2)
     print()
