@@ -50,7 +50,7 @@ from ipsecchan.latch.engine import Latcher
 from ipsecchan.latch.machine import LatchState
 from ipsecchan.xfrm import Template, clear_socket_policies, dump_policies, set_socket_policy
 from ipsecchan.xfrm import encode
-from ipsecchan.xfrm.index import Index
+from ipsecchan.xfrm.index import FOLLOW_ENTRY_BYTES, Index
 from ipsecchan.xfrm.messages import Algorithm, Lifetime, Policy, SA, Selector
 from ipsecchan.xfrm.monitor import XfrmView
 
@@ -157,6 +157,13 @@ class TimedIndex(Index):
         finally:
             SPENT["index.lookup"] += time.perf_counter() - t
 
+    def revalidate(self, slots):
+        t = time.perf_counter()
+        try:
+            return super().revalidate(slots)
+        finally:
+            SPENT["index.revalidate (C: followed latches)"] += time.perf_counter() - t
+
 
 class TimedStaticSource(StaticSource):
     def identify(self, sa):
@@ -205,6 +212,7 @@ def _memory(lat, socks, count: int) -> dict:
     # its slots allocated in doublings.
     res["c_follow_table_bytes_per_latch"] = int(lat.view.index.follow_memory_bytes()
                                                 / len(lat.latches()))
+    res["c_follow_entry_bytes"] = FOLLOW_ENTRY_BYTES
     # By the package that allocated it: ipsecchan/latch is the latches' own; ipsecchan/xfrm
     # is the index's decoded records and answers, one set per SA (here each latch has an SA
     # pair of its own; latches that share SAs share these).

@@ -721,11 +721,13 @@ class Latcher:
             self._judge_all = False
             touched = self.registry.ids()
         unreadable = None
-        try:
-            if self._view_lost is not None:
-                raise self._view_lost
-            self._take(self.view.poll(0))
-        except OSError as exc:
+        lost = self._view_lost
+        if lost is None:
+            try:
+                self._take(self.view.poll(0))
+            except OSError as exc:
+                lost = exc
+        if lost is not None:
             # Notifications could not be read, so some may be lost: the view is rebuilt
             # from a dump, and every latch judged against it. If that fails too, the kernel's
             # truth cannot be read: every latch is judged unverified (BROKEN, blocked), and
@@ -736,8 +738,8 @@ class Latcher:
                 self._view_lost = None
                 self._take([XfrmEvent("resync")])
             except OSError as again:
-                self._view_lost = exc
-                unreadable = Observation(False, reason=f"XFRM notifications: {exc}; "
+                self._view_lost = lost
+                unreadable = Observation(False, reason=f"XFRM notifications: {lost}; "
                                                        f"dump: {again}")
         events, self._backlog = self._backlog, []
         collect, affected = self.registry.collect, self.registry.affected

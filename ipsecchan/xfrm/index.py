@@ -21,8 +21,8 @@ from ipsecchan.xfrm.lookup import (BLOCK, BYPASS, NO_POLICY, NO_SA, PROTECTED, F
 from ipsecchan.xfrm.messages import (MODE_NAMES, PROTO_NAMES, Policy, SA, _addr_text,
                                      decode_policy, decode_sa)
 
-__all__ = ["Index", "IndexFormatError", "SARef", "FOLLOW_IN", "KEEP", "MOVED", "INBOUND",
-           "NEED", "SLOW", "TAG_MAX"]
+__all__ = ["Index", "IndexFormatError", "SARef", "FOLLOW_IN", "FOLLOW_ENTRY_BYTES", "KEEP",
+           "MOVED", "INBOUND", "NEED", "SLOW", "TAG_MAX"]
 
 # Index.revalidate's verdicts (see csrc/xfrm_index.h), and how many inbound SAs it follows.
 KEEP, MOVED, INBOUND, NEED, SLOW = (lib.IPSECCHAN_XIDX_KEEP, lib.IPSECCHAN_XIDX_MOVED,
@@ -30,6 +30,7 @@ KEEP, MOVED, INBOUND, NEED, SLOW = (lib.IPSECCHAN_XIDX_KEEP, lib.IPSECCHAN_XIDX_
                                     lib.IPSECCHAN_XIDX_SLOW)
 FOLLOW_IN = lib.IPSECCHAN_XIDX_FOLLOW_IN   # (the C header's; slots' handle stride - 1)
 TAG_MAX = lib.IPSECCHAN_XIDX_TAG_MAX
+FOLLOW_ENTRY_BYTES = ffi.sizeof("struct ipsecchan_xidx_follow")   # a followed flow's slot
 
 _VERDICTS = {lib.IPSECCHAN_XIDX_PROTECTED: PROTECTED, lib.IPSECCHAN_XIDX_BYPASS: BYPASS,
              lib.IPSECCHAN_XIDX_BLOCK: BLOCK, lib.IPSECCHAN_XIDX_NO_POLICY: NO_POLICY,
@@ -267,9 +268,6 @@ class Index:
     def set_tag(self, handle: int, tag: int) -> bool:
         """Label a current SA record with a class tag (False: the handle is stale)."""
         return lib.ipsecchan_xidx_sa_set_tag(self._x, handle, tag) == 0
-
-    def tag(self, handle: int) -> int:
-        return lib.ipsecchan_xidx_sa_tag(self._x, handle)
 
     def clear_tags(self) -> None:
         lib.ipsecchan_xidx_clear_tags(self._x)
