@@ -227,6 +227,47 @@ class _FastOpenCall:
         return self.impl(self.ref(), *args, **kw)
 
 
+class _AdoptCall:
+    """A data method of a connection inherited across a fork, until its first call adopts the
+    latch (socket._finish_lazy): through a weak reference, as _FastOpenCall."""
+    __slots__ = ("ref", "name")
+
+    def __init__(self, ref, name: str):
+        self.ref, self.name = ref, name
+
+    def __call__(self, *args, **kw):
+        sock = self.ref()
+        sock._finish_lazy()
+        d = sock.__dict__
+        for name in _DATA_METHODS:          # (adopting replaced them, or had nothing to do)
+            if type(d.get(name)) is _AdoptCall:
+                del d[name]
+        return getattr(sock, self.name)(*args, **kw)
+
+
+# Connections latched by this process (or adopted by it): after a fork, the child's copies
+# adopt their latches on first use (_after_fork_in_child).
+_latched_connections: "_weakref.WeakSet[socket]" = _weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A child that only does I/O on an inherited connection (a forked handler) never reads
+    # its latch, and nobody would follow it: the parent lets go of it when it closes its
+    # copy, and the pins stay on the SAs of the fork's time, so the connection would stall
+    # at the next rekey. Its first data call adopts the latch instead (the runtime's own
+    # fork hook, registered before this one, has made that call see a new generation).
+    for sock in list(_latched_connections):
+        ips = sock.__dict__.get("_ipsec")
+        if ips is None or ips.handle is None or ips.lazy or sock.fileno() < 0:
+            continue
+        ref = _weakref.ref(sock)
+        for name in _DATA_METHODS:
+            setattr(sock, name, _AdoptCall(ref, name))
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class socket(_std.socket):
     """socket.socket, latched. See the module's documentation."""
 
@@ -360,6 +401,7 @@ class socket(_std.socket):
             exc.errno = _errno.ECONNREFUSED
             raise
         ips.handle, ips.ref = handle, ref
+        _latched_connections.add(self)
 
     def _arm_lazy(self) -> None:
         # asyncio and other non-blocking callers never call connect() again: latch on the
@@ -465,6 +507,7 @@ class socket(_std.socket):
         ips.generation, ips.pid = _runtime.fork_generation(), _runtime.pid()
         ips.handle = _runtime.get().accept(lh, ref, self._alert_callback())
         ips.ref = ref
+        _latched_connections.add(self)
 
     # -- closing --
     def _shared(self) -> bool:
@@ -477,6 +520,7 @@ class socket(_std.socket):
         if ips is None or ips.handle is None:
             return
         handle, ips.handle = ips.handle, None
+        _latched_connections.discard(self)
         if self._shared():
             # Only let go of the latch here (its owner, if this process made it, stops
             # following it); its pins stay for the other process's sake. A child does not

@@ -8,6 +8,7 @@ Each test runs twice (the `dropin` fixture): in-process as root, and through the
 brokers as nobody with no capabilities; privileged steps (flushing SAs, IKE) are the
 harness's."""
 import json
+import re
 import time
 from pathlib import Path
 
@@ -700,6 +701,79 @@ r["two"] = c2.recv(10).decode()
 print(json.dumps(r), flush=True)
 time.sleep(30)
 """
+
+
+FORKED_IO_HANDLER = r"""
+import json, os, sys, time
+from ipsecchan import socket
+srv = socket.create_server((sys.argv[1], 5000))
+conn, _ = srv.accept()
+if os.fork() == 0:
+    # A forked handler that only does I/O (socketserver's ForkingMixIn with a plain
+    # StreamRequestHandler): it never reads the latch, so only its first data call can make
+    # this process follow it.
+    srv.close()
+    while data := conn.recv(100):
+        conn.sendall(data)
+    os._exit(0)
+conn.close()                # the parent lets go of the latch: nobody follows it here now
+print(json.dumps({"handed": True}), flush=True)
+time.sleep(120)
+"""
+
+ECHO_ACROSS_REKEY = r"""
+import json, os, sys, time
+from ipsecchan import socket
+c = socket.create_connection((sys.argv[1], 5000), timeout=20)
+c.sendall(b"before")
+r = {"before": c.recv(100).decode()}
+print(json.dumps(r), flush=True)
+end = time.monotonic() + 90
+while not os.path.exists(sys.argv[2]) and time.monotonic() < end:
+    time.sleep(0.1)
+c.sendall(b"after")
+try:
+    r["after"] = c.recv(100).decode()
+except OSError as exc:
+    r["after"] = repr(exc)
+r["state"] = c.latch.state
+print(json.dumps(r), flush=True)
+time.sleep(30)
+"""
+
+
+def _spis(lab, host):
+    return set(re.findall(r"spi (0x[0-9a-f]+)", lab.run(host, ["ip", "xfrm", "state"],
+                                                         check=True).text))
+
+
+def test_forked_handler_that_only_does_io_follows_rekeys(lab, dropin):
+    # The parent hands an accepted connection to a forked child and closes its copy (it lets
+    # go of the latch; the pins stay). The child never reads the latch: its first data call
+    # adopts it, so the child follows the CHILD_SA rekey and moves the OUT pin to the new SA.
+    # Unfollowed, the pin would stay on the old SA, deleted by the rekey: bob's replies
+    # could not leave, and the connection would stall.
+    lab.add_host("alice")
+    lab.add_host("bob")
+    link = lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    flag = f"{lab.kernel.state_dir}/{lab.dir}/rekeyed-{dropin.mode}"
+    server = dropin.spawn("bob", [lab.kernel.python, "-c", FORKED_IO_HANDLER, bob])
+    _wait_listening(lab, "bob", 5000)
+    client = dropin.spawn("alice", [lab.kernel.python, "-c", ECHO_ACROSS_REKEY, bob, flag])
+    assert _lines(client, 1)[0] == {"before": "before"}
+    assert _lines(server, 1)[0] == {"handed": True}
+    old = _spis(lab, "bob")
+    lab.vici("alice", "rekey", {"child": link.child})
+    end = time.monotonic() + 30
+    while old & _spis(lab, "bob"):          # until the rekey's old SAs are gone, both
+        assert time.monotonic() < end, "the old SAs were not deleted after the rekey"
+        time.sleep(0.2)
+    lab.run(None, ["touch", flag], check=True)
+    after = _lines(client, 2, timeout=40)[1]
+    client.stop()
+    server.stop()
+    assert after == {"before": "before", "after": "after", "state": "ESTABLISHED"}, after
 
 
 def _pinned_sockets(lab, host):
