@@ -148,7 +148,7 @@ int64_t ipsecchan_xidx_apply(struct ipsecchan_xidx *idx, const uint8_t *buf, siz
                              double now, size_t *bad_offset, int64_t *applied);
 struct ipsecchan_xidx_change { uint64_t handle; uint64_t old_handle; uint32_t offset;
     uint32_t len; uint32_t spi; uint16_t type; uint16_t family; uint8_t proto; uint8_t hard;
-    uint8_t has_src; char dst[16]; char src[16]; ...; };
+    uint8_t has_src; uint8_t unwatched; char dst[16]; char src[16]; ...; };
 int64_t ipsecchan_xidx_apply_report(struct ipsecchan_xidx *idx, const uint8_t *buf,
                                     size_t len, double now, size_t *bad_offset,
                                     int64_t *applied, struct ipsecchan_xidx_change *changes,
@@ -201,6 +201,11 @@ struct ipsecchan_xidx_sakey { char dst[16]; uint32_t spi; uint32_t reqid; uint16
     uint8_t proto; ...; };
 struct ipsecchan_xidx_follow { struct ipsecchan_xidx_flow flow; uint32_t tag; uint32_t nin;
     struct ipsecchan_xidx_sakey out; struct ipsecchan_xidx_sakey in[3]; ...; };
+int64_t ipsecchan_xidx_watch(struct ipsecchan_xidx *idx, uint32_t slot, uint16_t family,
+                             const char *addr);
+void ipsecchan_xidx_unwatch(struct ipsecchan_xidx *idx, uint32_t slot);
+int64_t ipsecchan_xidx_take_touched(struct ipsecchan_xidx *idx, uint32_t *out, size_t cap);
+size_t ipsecchan_xidx_watch_memory(const struct ipsecchan_xidx *idx);
 struct ipsecchan_xfollow;
 struct ipsecchan_xfollow *ipsecchan_xfollow_new(void);
 void ipsecchan_xfollow_free(struct ipsecchan_xfollow *t);

@@ -124,8 +124,29 @@ struct store {
 struct cls { uint16_t family; uint8_t ps, pd; uint32_t count; uint64_t minkey; };
 struct clist { struct cls *v; uint32_t n, cap; };
 
+/* Watched flows (one per latch, by the caller's slot): an SA change marks the slots whose
+ * peer address it names (either end of the SA, or within a tunnel SA's selector), so that
+ * the caller learns which latches a burst of notifications touched without an event per
+ * notification. */
+struct wslot {
+    u128 addr;                       /* the peer, as norm() gives it */
+    uint32_t next, prev;             /* the bucket's chain (NIL ends) */
+    uint16_t family;
+    uint8_t used, touched;
+};
+
+struct watch {
+    struct wslot *v;
+    uint32_t cap, n;                 /* slots allocated, slots watched */
+    uint32_t *heads, nb;             /* buckets by peer (a power of two, or none yet) */
+    uint32_t *touched, ntouched;     /* slots marked since the last take, each once */
+    uint32_t scans;                  /* selector scans since the last take */
+    int all;                         /* every slot counts as touched */
+};
+
 struct ipsecchan_xidx {
     struct store sa, pol;
+    struct watch w;
     struct xpol **tss;               /* TSS buckets: tss_nb >= 2 x policies in it */
     uint32_t tss_nb, tss_n;
     struct clist cls[2];             /* prefix-length classes of dir in (0) and out (1) */
@@ -674,6 +695,11 @@ static int renumber(struct ipsecchan_xidx *x)
     return 0;
 }
 
+static void watch_sa(struct ipsecchan_xidx *x, const struct xsa *e,
+                     struct ipsecchan_xidx_change *c);
+static void watch_all(struct ipsecchan_xidx *x);
+static int sel_other(const struct xfrm_usersa_info *in);
+
 static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now,
                   struct ipsecchan_xidx_change *c)
 {
@@ -694,6 +720,8 @@ static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now,
             e->bits |= SA_DYING;
         c->old_handle = handle_of(old->h.serial, slot);
         c->handle = handle_of(e->h.serial, slot);
+        watch_sa(x, old, c);
+        watch_sa(x, e, c);
         store_unlink_all(x, s, slot);
         xfree(x, old);
         s->v[slot] = &e->h;
@@ -712,6 +740,7 @@ static int sa_put(struct ipsecchan_xidx *x, struct xsa *e, double now,
     s->n++;
     store_link_all(x, s, slot);
     c->handle = handle_of(e->h.serial, slot);
+    watch_sa(x, e, c);
     return 0;
 }
 
@@ -731,6 +760,7 @@ static void sa_remove_key(struct ipsecchan_xidx *x, uint16_t fam, const xfrm_add
     uint32_t slot;
     if (sa_key_find(x, fam, norm(fam, d), proto, ntohl(spi_be), &slot)) {
         report_sa(x, slot, c);
+        watch_sa(x, sa_rec(x, slot), c);
         store_drop(x, &x->sa, slot);
     }
 }
@@ -738,6 +768,7 @@ static void sa_remove_key(struct ipsecchan_xidx *x, uint16_t fam, const xfrm_add
 static void sa_flush(struct ipsecchan_xidx *x, uint8_t proto)
 {
     struct store *s = &x->sa;
+    watch_all(x);
     if (proto == 0 || proto == IPSEC_PROTO_ANY) {
         store_release(x, s);
         store_init(x, s);   /* MIN_BUCKETS heads; on failure the tables stay empty */
@@ -1067,6 +1098,7 @@ static int apply_one(struct ipsecchan_xidx *x, uint16_t type, const uint8_t *pl,
         c->has_src = 1;
         if (sa_key_find(x, st->family, norm(st->family, &st->id.daddr), st->id.proto,
                         ntohl(st->id.spi), &slot)) {
+            watch_sa(x, sa_rec(x, slot), c);
             if (ue.hard) {
                 c->old_handle = handle_of(sa_rec(x, slot)->h.serial, slot);
                 store_drop(x, &x->sa, slot);
@@ -1830,6 +1862,9 @@ void ipsecchan_xidx_free(struct ipsecchan_xidx *x)
     for (int d = 0; d < 2; d++)
         xfree(x, x->cls[d].v);
     xfree(x, x->tss);
+    xfree(x, x->w.v);
+    xfree(x, x->w.heads);
+    xfree(x, x->w.touched);
     free(x);
 }
 
@@ -1877,11 +1912,7 @@ int64_t ipsecchan_xidx_sa_info(const struct ipsecchan_xidx *x, uint64_t handle,
     out->dying = (uint8_t)dying(e);
     memcpy(out->dst, &in.id.daddr, 16);
     memcpy(out->src, &in.saddr, 16);
-    unsigned full = fam_bits(in.sel.family);
-    out->sel_other = in.sel.family != 0 &&
-        !(famok(in.sel.family) && in.sel.family == in.family &&
-          in.sel.prefixlen_s == full && in.sel.prefixlen_d == full &&
-          !memcmp(&in.sel.saddr, &in.saddr, 16) && !memcmp(&in.sel.daddr, &in.id.daddr, 16));
+    out->sel_other = (uint8_t)sel_other(&in);
     /* The protection key: every algorithm attribute as stored (its fixed part: name, key
      * length, ICV or truncation length; never key bytes), then the presence of UDP
      * encapsulation. The stored attributes were checked when the record was built. */
@@ -1928,6 +1959,208 @@ void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *x)
     for (uint32_t i = 0; i < x->sa.top; i++)
         if (x->sa.v[i])
             sa_rec(x, i)->tag = 0;
+}
+
+/* ---- watched flows ---- */
+
+/* The SA's selector names addresses other than its own two (a tunnel's inner ones); a
+ * wildcard (family 0) or the SA's own host pair does not. */
+static int sel_other(const struct xfrm_usersa_info *in)
+{
+    unsigned full = fam_bits(in->sel.family);
+    return in->sel.family != 0 &&
+        !(famok(in->sel.family) && in->sel.family == in->family &&
+          in->sel.prefixlen_s == full && in->sel.prefixlen_d == full &&
+          !memcmp(&in->sel.saddr, &in->saddr, 16) && !memcmp(&in->sel.daddr, &in->id.daddr, 16));
+}
+
+/* Selector scans (tunnel SAs) before a take counts every slot as touched instead: a burst
+ * of tunnel rekeys costs one pass over the latches, not one per SA. */
+#define WATCH_SCANS 8
+
+static inline uint32_t w_bucket(const struct watch *w, uint16_t fam, u128 a)
+{
+    return (uint32_t)mix128(mix(7, fam), a) & (w->nb - 1);
+}
+
+static void w_link(struct watch *w, uint32_t slot)
+{
+    struct wslot *e = &w->v[slot];
+    uint32_t b = w_bucket(w, e->family, e->addr);
+    e->prev = NIL;
+    e->next = w->heads[b];
+    if (e->next != NIL)
+        w->v[e->next].prev = slot;
+    w->heads[b] = slot;
+}
+
+static void w_unlink(struct watch *w, uint32_t slot)
+{
+    struct wslot *e = &w->v[slot];
+    if (e->prev != NIL)
+        w->v[e->prev].next = e->next;
+    else
+        w->heads[w_bucket(w, e->family, e->addr)] = e->next;
+    if (e->next != NIL)
+        w->v[e->next].prev = e->prev;
+}
+
+static inline void w_mark(struct watch *w, uint32_t slot)
+{
+    if (!w->v[slot].touched) {
+        w->v[slot].touched = 1;
+        w->touched[w->ntouched++] = slot;    /* each slot once: ntouched <= cap */
+    }
+}
+
+static void w_touch_addr(struct watch *w, uint16_t fam, u128 a)
+{
+    for (uint32_t i = w->heads[w_bucket(w, fam, a)]; i != NIL; i = w->v[i].next)
+        if (w->v[i].addr == a && w->v[i].family == fam)
+            w_mark(w, i);
+}
+
+static inline int w_prefix_has(uint16_t fam, u128 net, unsigned plen, u128 a)
+{
+    unsigned bits = fam_bits(fam);
+    if (plen > bits)
+        plen = bits;
+    return prefix_of(net, bits, plen) == prefix_of(a, bits, plen);
+}
+
+/* Every slot a change of this SA record can matter to (registry.py's rule for SA events):
+ * the latches whose peer is either end of the SA or within its selector. That names every
+ * latch an SA can carry only for a transport SA between two given hosts; for any other (a
+ * tunnel's SA names the gateways; an inbound SA with a wildcard source), the change is
+ * flagged for the caller, who finds the latches on it by key. */
+static void watch_sa(struct ipsecchan_xidx *x, const struct xsa *e,
+                     struct ipsecchan_xidx_change *c)
+{
+    struct watch *w = &x->w;
+    if (e->mode != XFRM_MODE_TRANSPORT || (e->flags & STATE_WILDRECV) || !famok(e->family) ||
+        !e->src || !e->dst)
+        c->unwatched = 1;
+    if (!w->n || w->all)
+        return;
+    w_touch_addr(w, e->family, e->src);
+    w_touch_addr(w, e->family, e->dst);
+    const struct xfrm_usersa_info *in = SAI(e);
+    if (!sel_other(in))
+        return;
+    uint16_t sf = in->sel.family;
+    unsigned full = fam_bits(sf);
+    if (famok(sf) && in->sel.prefixlen_s == full && in->sel.prefixlen_d == full) {
+        w_touch_addr(w, sf, norm(sf, &in->sel.saddr));
+        w_touch_addr(w, sf, norm(sf, &in->sel.daddr));
+        return;
+    }
+    if (++w->scans > WATCH_SCANS) {
+        w->all = 1;
+        return;
+    }
+    for (uint32_t i = 0; i < w->cap; i++) {
+        const struct wslot *s = &w->v[i];
+        if (!s->used || s->touched || sf != s->family)
+            continue;
+        if (w_prefix_has(sf, norm(sf, &in->sel.daddr), in->sel.prefixlen_d, s->addr) ||
+            w_prefix_has(sf, norm(sf, &in->sel.saddr), in->sel.prefixlen_s, s->addr))
+            w_mark(w, i);
+    }
+}
+
+static void watch_all(struct ipsecchan_xidx *x)
+{
+    if (x->w.n)
+        x->w.all = 1;
+}
+
+static int w_rehash(struct ipsecchan_xidx *x, uint32_t nb)
+{
+    struct watch *w = &x->w;
+    uint32_t *heads = xmalloc(x, (size_t)nb * sizeof *heads);
+    if (!heads)
+        return -1;
+    xfree(x, w->heads);
+    w->heads = heads;
+    w->nb = nb;
+    for (uint32_t b = 0; b < nb; b++)
+        heads[b] = NIL;
+    for (uint32_t i = 0; i < w->cap; i++)
+        if (w->v[i].used)
+            w_link(w, i);
+    return 0;
+}
+
+int64_t ipsecchan_xidx_watch(struct ipsecchan_xidx *x, uint32_t slot, uint16_t family,
+                             const char *addr)
+{
+    struct watch *w = &x->w;
+    if (!famok(family) || slot >= UINT32_MAX / 4)
+        return IPSECCHAN_XIDX_ESPACE;
+    if (slot >= w->cap) {
+        uint32_t cap = w->cap ? w->cap : 64;
+        while (cap <= slot)
+            cap *= 2;
+        struct wslot *v = xrealloc(x, w->v, (size_t)cap * sizeof *v);
+        if (!v)
+            return IPSECCHAN_XIDX_ENOMEM;
+        w->v = v;
+        memset(v + w->cap, 0, (size_t)(cap - w->cap) * sizeof *v);
+        uint32_t *t = xrealloc(x, w->touched, (size_t)cap * sizeof *t);
+        if (!t)
+            return IPSECCHAN_XIDX_ENOMEM;    /* (v grown, cap not: consistent) */
+        w->touched = t;
+        w->cap = cap;
+    }
+    if (!w->heads && w_rehash(x, MIN_BUCKETS))
+        return IPSECCHAN_XIDX_ENOMEM;
+    if (w->n >= w->nb && w_rehash(x, w->nb * 2))
+        return IPSECCHAN_XIDX_ENOMEM;
+    struct wslot *e = &w->v[slot];
+    if (e->used)
+        w_unlink(w, slot);
+    else
+        w->n++;
+    e->used = 1;
+    e->family = family;
+    e->addr = load_be16((const uint8_t *)addr);
+    if (family == AF_INET)
+        e->addr &= 0xFFFFFFFFu;              /* as norm() reads an IPv4 address */
+    w_link(w, slot);
+    return 0;
+}
+
+void ipsecchan_xidx_unwatch(struct ipsecchan_xidx *x, uint32_t slot)
+{
+    struct watch *w = &x->w;
+    if (slot < w->cap && w->v[slot].used) {
+        w_unlink(w, slot);
+        w->v[slot].used = 0;
+        w->n--;
+    }
+}
+
+int64_t ipsecchan_xidx_take_touched(struct ipsecchan_xidx *x, uint32_t *out, size_t cap)
+{
+    struct watch *w = &x->w;
+    int64_t n = w->all ? -1 : (int64_t)w->ntouched;
+    if (n > 0 && (size_t)n > cap)
+        n = -1;                              /* no room: all of them, to be safe */
+    for (uint32_t i = 0; i < w->ntouched; i++) {
+        if (n > 0)
+            out[i] = w->touched[i];
+        w->v[w->touched[i]].touched = 0;
+    }
+    w->ntouched = 0;
+    w->scans = 0;
+    w->all = 0;
+    return n;
+}
+
+size_t ipsecchan_xidx_watch_memory(const struct ipsecchan_xidx *x)
+{
+    return (size_t)x->w.cap * (sizeof *x->w.v + sizeof *x->w.touched) +
+           (size_t)x->w.nb * sizeof *x->w.heads;
 }
 
 struct ipsecchan_xfollow {

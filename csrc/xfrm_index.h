@@ -66,7 +66,8 @@ struct ipsecchan_xidx_change {
     uint32_t offset, len;
     uint32_t spi;                    /* host order */
     uint16_t type, family;
-    uint8_t proto, hard, has_src, pad;
+    uint8_t proto, hard, has_src;
+    uint8_t unwatched;               /* the SA changed is one the watch cannot place (below) */
     char dst[16], src[16];
 };
 
@@ -168,6 +169,21 @@ void ipsecchan_xidx_clear_tags(struct ipsecchan_xidx *idx);
  *   SLOW     anything else (another class, other verdicts, bundles, a slot not followed):
  *            the caller's full judgement.
  * MOVED and INBOUND give the handles of the OUT SA then the IN SAs; NEED those untagged. */
+/* Watched flows: the caller names, per slot (one per latch), the peer address of a flow
+ * (family, 16 big-endian bytes as the flow's); every SA change applied from then on marks
+ * the slots whose peer is either end of the SA or lies within its selector (a tunnel's
+ * inner addresses; after more than a few such selectors before a take, every slot). A
+ * change the watch cannot place (an SA other than transport between two given hosts: a
+ * tunnel's names its gateways, a wildcard-source inbound SA any peer) is flagged in its
+ * report (change.unwatched); an SA flush or clear marks every slot. watch: 0, ESPACE for an
+ * unknown family or an absurd slot, ENOMEM. take_touched: the slots marked since the last
+ * take (each once) into out, their number; -1 for every slot (also when more than cap). */
+int64_t ipsecchan_xidx_watch(struct ipsecchan_xidx *idx, uint32_t slot, uint16_t family,
+                             const char *addr);
+void ipsecchan_xidx_unwatch(struct ipsecchan_xidx *idx, uint32_t slot);
+int64_t ipsecchan_xidx_take_touched(struct ipsecchan_xidx *idx, uint32_t *out, size_t cap);
+size_t ipsecchan_xidx_watch_memory(const struct ipsecchan_xidx *idx);
+
 #define IPSECCHAN_XIDX_FOLLOW_IN 3
 enum { IPSECCHAN_XIDX_KEEP = 0, IPSECCHAN_XIDX_MOVED = 1, IPSECCHAN_XIDX_INBOUND = 2,
        IPSECCHAN_XIDX_NEED = 3, IPSECCHAN_XIDX_SLOW = 4 };

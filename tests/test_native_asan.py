@@ -37,7 +37,7 @@ size_t ipsecchan_xidx_policy_handles(const struct ipsecchan_xidx *, uint64_t *, 
 const uint8_t *ipsecchan_xidx_sa_message(const struct ipsecchan_xidx *, uint64_t, size_t *);
 struct ipsecchan_xidx_change { uint64_t handle; uint64_t old_handle; uint32_t offset;
     uint32_t len; uint32_t spi; uint16_t type; uint16_t family; uint8_t proto; uint8_t hard;
-    uint8_t has_src; uint8_t pad; char dst[16]; char src[16]; };
+    uint8_t has_src; uint8_t unwatched; char dst[16]; char src[16]; };
 int64_t ipsecchan_xidx_apply_report(struct ipsecchan_xidx *, const uint8_t *, size_t, double,
                                     size_t *, int64_t *, struct ipsecchan_xidx_change *,
                                     size_t, size_t *);
@@ -75,6 +75,10 @@ void ipsecchan_xfollow_drop(struct ipsecchan_xfollow *, uint32_t);
 int64_t ipsecchan_xfollow_revalidate(struct ipsecchan_xfollow *, const struct ipsecchan_xidx *,
                                      const uint32_t *, size_t, unsigned, uint8_t *, uint8_t *,
                                      uint64_t *);
+int64_t ipsecchan_xidx_watch(struct ipsecchan_xidx *, uint32_t, uint16_t, const char *);
+void ipsecchan_xidx_unwatch(struct ipsecchan_xidx *, uint32_t);
+int64_t ipsecchan_xidx_take_touched(struct ipsecchan_xidx *, uint32_t *, size_t);
+size_t ipsecchan_xidx_watch_memory(const struct ipsecchan_xidx *);
 ''')
 ffi.set_source("_nlmsg_asan", '''
 #include <stdlib.h>
@@ -302,6 +306,42 @@ def follows(x, t):
         lib.ipsecchan_xidx_clear_tags(x)
     assert lib.ipsecchan_xfollow_memory(t) > 0
 
+WATCHED = {}
+TOUCHED = [0, 0]
+def watches(x):
+    # Watched slots (peers of real SAs and random ones, both families, absurd slots and
+    # families), unwatched at random; the marks taken into arrays of exact size, of the
+    # largest slot watched, and too small.
+    hs = sa_handles(x)
+    info = ffi.new("struct ipsecchan_xidx_sainfo *")
+    for _ in range(rnd.randrange(3)):
+        slot = rnd.choice([0, 1, 2, 63, 64, 65, 200, 0x3FFFFFFF, 0xFFFFFFFF])
+        fam = rnd.choice([2, 10, 2, 10, 0, 1])
+        addr = rnd.choice(ADDRS)
+        if hs and rnd.random() < 0.7 and \
+                lib.ipsecchan_xidx_sa_info(x, rnd.choice(hs), info, ffi.NULL, 0) == 0:
+            fam, addr = info.family, ffi.buffer(rnd.choice([info.src, info.dst]), 16)[:]
+        a = alloc("char[]", 16)
+        ffi.memmove(a, addr, 16)
+        r = lib.ipsecchan_xidx_watch(x, slot, fam, a)
+        assert r in (0, -106) and (r == -106) == (fam not in (2, 10) or slot >= 0x3FFFFFFF)
+        if r == 0:
+            WATCHED[slot] = True
+    if WATCHED and rnd.random() < 0.3:
+        slot = rnd.choice(list(WATCHED))
+        lib.ipsecchan_xidx_unwatch(x, slot)
+        del WATCHED[slot]
+    lib.ipsecchan_xidx_unwatch(x, rnd.choice([5000, 0xFFFFFFFF]))
+    if rnd.random() < 0.5:
+        top = max(WATCHED, default=-1) + 1
+        cap = rnd.choice([top, top, max(top - 1, 0), 1])
+        out = alloc("uint32_t[]", max(cap, 1))
+        n = lib.ipsecchan_xidx_take_touched(x, out, cap)
+        assert n == -1 or (0 <= n <= cap and all(out[i] < 0x3FFFFFFF for i in range(n)))
+        TOUCHED[0] += n > 0
+        TOUCHED[1] += n == -1
+    assert lib.ipsecchan_xidx_watch_memory(x) >= 0
+
 x = lib.ipsecchan_xidx_new()
 t = lib.ipsecchan_xfollow_new()
 bad = ffi.new("size_t *"); applied = ffi.new("int64_t *")
@@ -341,6 +381,7 @@ for i, data in enumerate(inputs):
             lib.ipsecchan_xidx_apply(x, exact(w), len(w), 1.7e9, bad, applied)
     lookups(x, 3)
     follows(x, t)
+    watches(x)
     if i % 50 == 0:
         views(x)
     if i % 500 == 499:
@@ -350,7 +391,7 @@ views(x)
 lib.ipsecchan_xidx_free(x)
 lib.ipsecchan_xfollow_free(t)
 print("index fuzzed", runs, "applied", applied_ok, "rejected", rejected, "peak", peak,
-      "follow", *CODES)
+      "follow", *CODES, "touched", *TOUCHED)
 """
 
 
@@ -428,3 +469,5 @@ def test_index_never_reads_out_of_bounds(asan_build, tmp_path):
     # INBOUND, NEED: lookups that found a protected single-SA path) as well as SLOW
     codes = [int(w) for w in words[10:15]]
     assert words[9] == "follow" and codes[4] > 1000 and sum(codes[:4]) > 0, r.stdout
+    # watched slots were marked by SA changes (some takes named slots, some every slot)
+    assert words[15] == "touched" and int(words[16]) > 0 and int(words[17]) > 0, r.stdout

@@ -154,6 +154,7 @@ class LatchHandle:
     mark: int = 0
     pin_in: bytes | None = None      # the IN policy this latch's last pin set (enforce)
     slot: int = -1                   # its slot in the index's followed flows (-1: none)
+    watch: int = -1                  # its slot in the index's watched flows (-1: none)
 
     @property
     def state(self) -> LatchState:
@@ -223,6 +224,9 @@ class Latcher:
         # followed by the index itself, which settles a rekey of such a latch (all its new SAs
         # tagged with its class) without an Observation. Only with the C index and an identity
         # source whose answers stand for an epoch (tags live as long as those answers).
+        self._in_c = False
+        self._watch_hids: list[int | None] = []   # watched slot -> latch id (None: free)
+        self._free_watch: list[int] = []
         self.follow_in_c = isinstance(view.index, Index)
         self._classes: dict[tuple, tuple] = {}   # ids of (local, peer, protection) -> tag
         self._class_ids = itertools.count(1)
@@ -276,6 +280,54 @@ class Latcher:
             if self._tagged:
                 self._untag_all()
             self._tags_valid = self._valid
+
+    # -- watched latches: which ones SA notifications reach, told by the C index --
+    @property
+    def follow_in_c(self) -> bool:
+        """The C index settles rekeys (followed latches) and says which latches SA
+        notifications reach (watched latches: every latch with a flow), with no Python event
+        per notification; else the Python judgement and registry do all of it."""
+        return self._in_c
+
+    @follow_in_c.setter
+    def follow_in_c(self, on: bool) -> None:
+        on = bool(on) and isinstance(self.view.index, Index)
+        if on == self._in_c:
+            return
+        self._in_c = on
+        if getattr(self.view, "light", False):
+            self.view.sa_events = not on
+        for handle in list(self.handles.values()):
+            if on:
+                self._watch(handle)
+            else:
+                self._unfollow(handle)
+                self._unwatch(handle)
+
+    def _watching(self) -> bool:
+        return self._in_c and getattr(self.view, "sa_events", True) is False
+
+    def _watch(self, handle: LatchHandle) -> None:
+        if not self._watching() or handle.flow is None or handle.watch >= 0:
+            return
+        slot = self._free_watch.pop() if self._free_watch else len(self._watch_hids)
+        try:
+            self.view.index.watch(slot, handle.flow)
+        except ValueError:
+            self._free_watch.append(slot)
+            raise
+        if slot == len(self._watch_hids):
+            self._watch_hids.append(handle.id)
+        else:
+            self._watch_hids[slot] = handle.id
+        handle.watch = slot
+
+    def _unwatch(self, handle: LatchHandle) -> None:
+        if handle.watch >= 0:
+            self.view.index.unwatch(handle.watch)
+            self._watch_hids[handle.watch] = None
+            self._free_watch.append(handle.watch)
+            handle.watch = -1
 
     # -- class tags and followed latches (revalidation in C) --
     def _following(self) -> bool:
@@ -595,6 +647,11 @@ class Latcher:
                              pin_in=track.pin_in)
         self.handles[handle.id] = handle
         self.registry.add(handle.id, flow, _keys(latch))
+        try:
+            self._watch(handle)
+        except BaseException:
+            self.release(handle)
+            raise
         self._refollow(handle)
         self._deliver(handle, alerts)
         return handle
@@ -626,6 +683,7 @@ class Latcher:
             self.registry.remove(handle.id)
             if self.handles.pop(handle.id, None) is handle:
                 self._unfollow(handle)
+                self._unwatch(handle)
             if handle.latch.state is not LatchState.CLOSED:
                 effects = handle.latch.close()
                 handle.pin_in = None
@@ -648,6 +706,7 @@ class Latcher:
             self.registry.remove(handle.id)
             del self.handles[handle.id]
             self._unfollow(handle)
+            self._unwatch(handle)
             if handle.latch.state is not LatchState.CLOSED:
                 effects = handle.latch.close()
                 self._deliver(handle, [e for e in effects if isinstance(e, Alert)])
@@ -675,6 +734,9 @@ class Latcher:
                     self._untag_all()
             elif kind == "sa-delete" or (kind == "sa-expire" and ev.hard):
                 self._sa_facts.pop(ev.sa_key, None)
+            elif kind == "sa-changes":
+                for key in ev.removed:
+                    self._sa_facts.pop(key, None)
 
     # -- following events --
     def has_work(self) -> bool:
@@ -741,6 +803,14 @@ class Latcher:
                 self._view_lost = lost
                 unreadable = Observation(False, reason=f"XFRM notifications: {lost}; "
                                                        f"dump: {again}")
+        if self._watching():
+            # The latches SA notifications reached, as the index marked them applying them.
+            slots = self.view.index.touched()
+            if slots is None:
+                touched = self.registry.ids()
+            else:
+                hids = self._watch_hids
+                touched.update([hid for s in slots if (hid := hids[s]) is not None])
         events, self._backlog = self._backlog, []
         collect, affected = self.registry.collect, self.registry.affected
         # SAs removed (a rekey's old ones going): a latch they alone reached, whose flow the
@@ -752,6 +822,8 @@ class Latcher:
         quick = self._valid[0] == 0
         for ev in events:
             kind = ev.kind
+            if kind == "sa-changes":
+                continue                        # (whom they reach: the index said above)
             if quick and (kind == "sa-delete" or (kind == "sa-expire" and ev.hard)):
                 key = ev.sa_key
                 for hid in affected(ev):
@@ -837,6 +909,7 @@ class Latcher:
                 self.handles.pop(hid, None)
                 self._pending.discard(hid)
                 self._unfollow(handle)
+                self._unwatch(handle)
                 return alerts
             log.warning("latch %d: applying %s: %s", hid, effects, exc)
             self._pending.add(hid)

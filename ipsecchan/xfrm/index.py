@@ -147,6 +147,8 @@ class Index:
         self._applied = ffi.new("int64_t *")
         self._follow = None                          # the followed flows, made on first use
         self._verdicts_cap = 0
+        self._watch_top = 0                          # watched slots are below this
+        self._touched = ffi.new("uint32_t[]", 0)
 
     # -- lifecycle --
     def close(self) -> None:
@@ -336,6 +338,35 @@ class Index:
             return (k.family, str(addr), PROTO_NAMES.get(k.proto), k.spi)
         ins = getattr(e, "in")
         return (e.tag, key(e.out), e.out.reqid, tuple(key(ins[i]) for i in range(e.nin)))
+
+    # -- watched flows --
+    # Which latches a burst of SA notifications touched, marked by the index as it applies
+    # them (ipsecchan_xidx_watch): no Python event per notification.
+    def watch(self, slot: int, flow: Flow) -> None:
+        """Watch `slot`'s flow: SA changes naming its peer mark it (see touched()).
+        ValueError for a family the index does not know."""
+        r = lib.ipsecchan_xidx_watch(self._x, slot, flow.family,
+                                     _ADDRS.get(flow.remote) or _addr16(flow.remote))
+        if r == lib.IPSECCHAN_XIDX_ENOMEM:
+            raise MemoryError("XFRM index: out of memory")
+        if r < 0:
+            raise ValueError(f"cannot watch slot {slot} (family {flow.family})")
+        if slot >= self._watch_top:
+            self._watch_top = slot + 1
+
+    def unwatch(self, slot: int) -> None:
+        lib.ipsecchan_xidx_unwatch(self._x, slot)
+
+    def touched(self) -> list[int] | None:
+        """The watched slots SA changes marked since the last call (each once); None: every
+        slot (a flush, a rebuild, many tunnel selectors)."""
+        if len(self._touched) < self._watch_top:
+            self._touched = ffi.new("uint32_t[]", max(self._watch_top, 2 * len(self._touched)))
+        n = lib.ipsecchan_xidx_take_touched(self._x, self._touched, len(self._touched))
+        return None if n < 0 else ffi.unpack(self._touched, n)
+
+    def watch_memory_bytes(self) -> int:
+        return lib.ipsecchan_xidx_watch_memory(self._x)
 
     def follow_memory_bytes(self) -> int:
         return 0 if self._follow is None else lib.ipsecchan_xfollow_memory(self._follow)

@@ -305,6 +305,9 @@ class XfrmEvent:
     policy-delete, policy-expire, policy-flush, policy-default (the default policy changed:
     what applies to flows no policy matches), acquire. A hard expire means the kernel has
     removed the SA or policy (it sends no separate delete); a soft one marks it dying.
+    sa-changes: SA notifications a watching index applied without an event each (its
+    touched slots say whom they reach; see XfrmView.sa_events); `removed` holds the keys of
+    the SAs they removed.
     """
     kind: str
     sa: SA | None = None
@@ -314,6 +317,7 @@ class XfrmEvent:
     hard: bool = False
     flush_proto: int = 0                          # 0 or 255 (IPSEC_PROTO_ANY): every SA
     acquire: tuple[str, str, Selector] | None = None   # (src, dst, selector) of an ACQUIRE
+    removed: tuple = ()                           # sa-changes: keys of the SAs removed
 
 
 def _sa_key_of(p) -> tuple[int, str, str, int]:

@@ -67,10 +67,13 @@ _BATCH = 256 << 10          # bytes of notifications applied in one C call (ligh
 # object for less (light events are made by the ten thousand in a rekey burst).
 _new_event = object.__new__
 (_set_kind, _set_sa, _set_sa_key, _set_policy, _set_policy_key, _set_hard, _set_flush_proto,
- _set_acquire) = (XfrmEvent.__dict__[f].__set__ for f in (
-    "kind", "sa", "sa_key", "policy", "policy_key", "hard", "flush_proto", "acquire"))
+ _set_acquire, _set_removed) = (XfrmEvent.__dict__[f].__set__ for f in (
+    "kind", "sa", "sa_key", "policy", "policy_key", "hard", "flush_proto", "acquire",
+    "removed"))
 assert set(XfrmEvent.__dataclass_fields__) == {
-    "kind", "sa", "sa_key", "policy", "policy_key", "hard", "flush_proto", "acquire"}
+    "kind", "sa", "sa_key", "policy", "policy_key", "hard", "flush_proto", "acquire",
+    "removed"}
+_DELSA, _EXPIRE = lib.XFRM_MSG_DELSA, lib.XFRM_MSG_EXPIRE
 
 
 def _sa_event(kind: str, sa, key: tuple, hard: bool) -> XfrmEvent:
@@ -83,6 +86,7 @@ def _sa_event(kind: str, sa, key: tuple, hard: bool) -> XfrmEvent:
     _set_hard(ev, hard)
     _set_flush_proto(ev, 0)
     _set_acquire(ev, None)
+    _set_removed(ev, ())
     return ev
 
 
@@ -96,9 +100,16 @@ class XfrmView:
     record; for a delete or hard expire the removed record's SARef when the index had made
     one, else None) instead of a decoded SA, and the messages are parsed once, by the index.
     Policy, flush, acquire and default-policy messages are decoded as usual (they are rare).
+
+    sa_events=False (light views, an index that watches flows: Index.watch): SA
+    notifications the index places itself make no event each; a batch of them is told by
+    one XfrmEvent("sa-changes") (with the keys of the SAs removed), and whom they reach by
+    Index.touched(). SA changes the index flags as not placed (change.unwatched) still make
+    their events.
     """
 
     light = False
+    sa_events = True
 
     def __init__(self, index_factory: Callable[[], object] = ReferenceIndex, *,
                  rcvbuf: int = DEFAULT_RCVBUF, light: bool = False):
@@ -192,10 +203,22 @@ class XfrmView:
         index = self.index
         _count, changes, n, gone = index.apply_report(data)
         events = []
+        quiet = not self.sa_events
+        applied, removed = False, []
         for i in range(n):
             c = changes[i]
             t = c.type
             kind = _SA_KINDS.get(t)
+            if kind is not None and quiet and not c.unwatched:
+                old = c.old_handle
+                if old and (t == _DELSA or t == _EXPIRE):
+                    ref = gone.get(old)
+                    fam = c.family
+                    removed.append(ref.key if ref is not None else (
+                        fam, _addr_text(fam, ffi.unpack(c.dst, 16)),
+                        PROTO_NAMES.get(c.proto) or str(c.proto), c.spi))
+                applied = applied or bool(old or c.handle)
+                continue
             if kind is not None:
                 # handle: the record stored (or marked dying) now; else the one removed
                 try:
@@ -222,6 +245,10 @@ class XfrmView:
             ev = decode_event(t, payload)
             if ev is not None:
                 events.append(ev)
+        if applied:
+            ev = _sa_event("sa-changes", None, None, False)
+            _set_removed(ev, tuple(removed))
+            events.append(ev)
         return events
 
     def close(self) -> None:
