@@ -279,7 +279,9 @@ def test_a_removed_inbound_sa_is_taken_in_without_judging_only_when_nothing_else
     assert len(judged) == (0 if epochs else 1)
     assert [x.key for x in lat.observe(h.flow).in_sas] == \
         [x.key for x in h.latch.params.in_sas]                  # what a look finds now
+    lat._sync_keys()            # (the registry takes new keys when an event needs them)
     assert lat.registry.affected_by_spis([0x200]) == set()
+    assert lat.registry.affected_by_spis([0x201]) == {h.id}
     # Another inbound SA of bob's, then in one round: bob's older one goes and mallory's comes
     # (reqid 1 too). The removal alone could be taken in; with the newcomer it is judged.
     view.feed(encode.newsa(_sa(PEER, LOCAL, 0x202)))

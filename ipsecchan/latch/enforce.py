@@ -76,6 +76,19 @@ def _out_policy(family: int, out_sas) -> bytes:
 def _in_policy(family: int, params: LatchParams) -> bytes:
     """The IN policy of a pin (pin_templates' IN half, packed), by the kinds of SA it names:
     one template per layer of the bundle (reqid, protocol, mode; a tunnel's endpoints)."""
+    if len(params.out_sas) == 1 and params.in_sas:
+        sa = params.in_sas[0]
+        prot = sa.protection
+        if prot.mode == "transport":
+            # One transport layer (the common case), without building the general key.
+            key = (family, sa.reqid, prot.proto)
+            b = _IN_POLICIES.get(key)
+            if b is None:
+                if len(_IN_POLICIES) >= _PINS_LIMIT:
+                    _IN_POLICIES.clear()
+                b = _IN_POLICIES[key] = policy_header(family, "in") + template_bytes(
+                    family, "", "", prot.proto, 0, sa.reqid, "transport", False)
+            return b
     key = (family, *[(sa.reqid, sa.protection.proto, sa.protection.mode)
                      if sa.protection.mode == "transport" else
                      (sa.reqid, sa.protection.proto, sa.protection.mode, sa.src, sa.key[1])

@@ -28,7 +28,8 @@ from ipsecchan.ike.base import IdentitySource, SAIdentity, State
 from ipsecchan.latch.enforce import apply_all, apply_tracked
 from ipsecchan.latch.machine import (Alert, Block, Cause, Latch, LatchParams, LatchRefused,
                                      LatchState, Observation, Party, Policy, Release,
-                                     Requirements, SAFacts, conflict, keeps)
+                                     Requirements, SAFacts, conflict, keeps,
+                                     make_latch_params, make_sa_facts)
 from ipsecchan.latch.protection import Protection
 from ipsecchan.latch.registry import LatchRegistry
 from ipsecchan.xfrm import Template, set_socket_policy
@@ -197,6 +198,10 @@ class Latcher:
         self.view = view
         self.identities = identities
         self.registry = LatchRegistry()
+        # Latches' new SA keys not yet in the registry: a rekey round moves thousands of
+        # latches, and only events the index does not place (policy changes, tunnel SAs, IKE
+        # events) read the registry's keys; they are brought in before those are looked up.
+        self._keys_due: dict[int, tuple] = {}
         self.handles: dict[int, LatchHandle] = {}
         self._ids = itertools.count(1)
         self._backlog: list = []     # XFRM events read while observing, for the next poll()
@@ -425,7 +430,8 @@ class Latcher:
                     and hit[1].peer is peer:
                 hit[2] = self._valid
                 return hit[1], ans
-            facts = SAFacts(key, sa.reqid, self._protection_of(sa), local, peer, sa.src)
+            facts = make_sa_facts(key, sa.reqid, self._protection_of(sa), local, peer,
+                                  sa.src)
             self._sa_facts[key] = [sa, facts, self._valid]
             return facts, ans
         if state is State.UNAVAILABLE:
@@ -646,6 +652,7 @@ class Latcher:
         handle = LatchHandle(next(self._ids), sock, flow, latch, on_alert, listener=listener,
                              pin_in=track.pin_in)
         self.handles[handle.id] = handle
+        self._keys_due.pop(handle.id, None)
         self.registry.add(handle.id, flow, _keys(latch))
         try:
             self._watch(handle)
@@ -681,6 +688,7 @@ class Latcher:
         with self.lock:
             self._pending.discard(handle.id)
             self.registry.remove(handle.id)
+            self._keys_due.pop(handle.id, None)
             if self.handles.pop(handle.id, None) is handle:
                 self._unfollow(handle)
                 self._unwatch(handle)
@@ -704,6 +712,7 @@ class Latcher:
                 return              # not this Latcher's (another process's, before a fork)
             self._pending.discard(handle.id)
             self.registry.remove(handle.id)
+            self._keys_due.pop(handle.id, None)
             del self.handles[handle.id]
             self._unfollow(handle)
             self._unwatch(handle)
@@ -820,6 +829,8 @@ class Latcher:
         # in every round).
         gone: dict[int, set] = {}
         quick = self._valid[0] == 0
+        if self._keys_due and any(ev.kind != "sa-changes" for ev in events):
+            self._sync_keys()
         for ev in events:
             kind = ev.kind
             if kind == "sa-changes":
@@ -835,6 +846,7 @@ class Latcher:
             else:
                 collect(ev, touched)
         while (ike := self.identities.next_event(0)) is not None:
+            self._sync_keys()
             if ike.kind in ("daemon-lost", "daemon-back"):
                 touched |= self.registry.ids()
             for side in (ike.old, ike.new):
@@ -852,7 +864,7 @@ class Latcher:
             latch = handle.latch
             if handle.slot < 0 and latch.state is LatchState.ESTABLISHED \
                     and self._only_gone(handle, keys) and latch.inbound_gone(keys) is not None:
-                self.registry.update_sas(hid, _keys(latch))
+                self._keys_due[hid] = _keys(latch)
             else:
                 touched.add(hid)                # (a latch followed in C: settled there)
         order = sorted(touched | pending)
@@ -872,7 +884,7 @@ class Latcher:
                     alerts = self._carry_out(handle, effects, keys)
                 else:
                     alerts = []
-                    self.registry.update_sas(hid, keys)
+                    self._keys_due[hid] = keys
             else:
                 self._unfollow(handle)          # followed again below if it can be
                 # The view was brought up to date at the start of the round: every latch of
@@ -891,6 +903,14 @@ class Latcher:
             out += [(handle, a) for a in alerts]
         return out
 
+    def _sync_keys(self) -> None:
+        """The registry takes the latches' SA keys due (see _keys_due)."""
+        due, self._keys_due = self._keys_due, {}
+        update, handles = self.registry.update_sas, self.handles
+        for hid, keys in due.items():
+            if hid in handles:
+                update(hid, keys)
+
     def _carry_out(self, handle: LatchHandle, effects, keys: tuple | None = None
                    ) -> list[Alert]:
         """A round's effects for one latch, on its socket; returns the alerts. `keys`: the
@@ -906,6 +926,7 @@ class Latcher:
             alerts = [e for e in effects if isinstance(e, Alert)]
             if exc.errno == errno.EBADF:
                 self.registry.remove(hid)
+                self._keys_due.pop(hid, None)
                 self.handles.pop(hid, None)
                 self._pending.discard(hid)
                 self._unfollow(handle)
@@ -917,7 +938,7 @@ class Latcher:
             if any(isinstance(e, Block) for e in effects):
                 _cut(handle.sock, hid)
         if hid in self.handles:
-            self.registry.update_sas(hid, _keys(handle.latch) if keys is None else keys)
+            self._keys_due[hid] = _keys(handle.latch) if keys is None else keys
         return alerts
 
     def _settle_in_c(self, order: list[int]) -> dict:
@@ -998,8 +1019,8 @@ class Latcher:
         ins = tuple([tagged.get(h) for h in sa_handles[1:]])
         if out is None or any(f is None for f in ins):
             return None
-        params = LatchParams(True, latched.local, latched.peer, latched.protection,
-                             (out.reqid,), (out,), ins)
+        params = make_latch_params(True, latched.local, latched.peer, latched.protection,
+                                   (out.reqid,), (out,), ins)
         keys = (out.key, *[f.key for f in ins])
         if len(memo) >= 1024:
             memo.clear()

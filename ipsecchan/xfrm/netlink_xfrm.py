@@ -110,6 +110,7 @@ def socket_policy_bytes(family: int, direction: str, templates=(), *, action: st
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def policy_header(family: int, direction: str, action: str = "allow", priority: int = 0
                   ) -> bytes:
     """The struct xfrm_userpolicy_info of a per-socket policy (templates follow it)."""
