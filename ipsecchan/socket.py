@@ -44,6 +44,7 @@ library's socket module hand out these sockets, for code that cannot change its 
 """
 from __future__ import annotations
 
+import array as _array
 import errno as _errno
 import ipaddress as _ipaddress
 import logging as _logging
@@ -88,6 +89,8 @@ _POLICIES = {IPSEC_POLICY_BYPASS: None, IPSEC_POLICY_REQUIRE: Policy.REQUIRE,
 # are these per-socket policies.
 _XFRM_POLICY_OPTIONS = {_policy_level(AF_INET), _policy_level(AF_INET6)}
 _MSG_FASTOPEN = getattr(_std, "MSG_FASTOPEN", 0x20000000)
+_SCM_RIGHTS = getattr(_std, "SCM_RIGHTS", 1)
+_AF_UNIX = getattr(_std, "AF_UNIX", None)
 _DATA_METHODS = ("send", "sendall", "sendto", "sendmsg", "sendfile", "recv", "recv_into",
                  "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into")
 
@@ -249,6 +252,43 @@ class _AdoptCall:
 # adopt their latches on first use (_after_fork_in_child).
 _latched_connections: "_weakref.WeakSet[socket]" = _weakref.WeakSet()
 
+# _Ipsec.generation of a latch whose socket another process may hold through a descriptor
+# passed over a Unix socket (SCM_RIGHTS), either way: never a fork generation, so the socket
+# counts as shared for good (its close lets go of the latch and leaves the pins, which the
+# other process's latch of the same socket relies on).
+_ELSEWHERE = -1
+
+
+def _mark_passed(ancdata) -> None:
+    """Latched connections whose descriptors these SCM_RIGHTS messages pass on."""
+    fds = set()
+    for level, kind, data in ancdata:
+        if level == SOL_SOCKET and kind == _SCM_RIGHTS:
+            raw = memoryview(data).tobytes()        # (an array of ints, or bytes)
+            fds.update(_array.array("i", raw[:len(raw) - len(raw) % 4]))
+    if fds:
+        for sock in list(_latched_connections):
+            if sock.fileno() in fds:
+                sock._ipsec.generation = _ELSEWHERE
+
+
+class _UnixSendmsg:
+    """An AF_UNIX socket's sendmsg (socket.__init__): descriptors of latched connections it
+    passes to another process are marked (_mark_passed) first. Through a weak reference, as
+    _FastOpenCall."""
+    __slots__ = ("ref",)
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __call__(self, buffers, ancdata=(), flags=0, address=None):
+        sock = self.ref()
+        if ancdata:
+            _mark_passed(ancdata)
+        if address is None:
+            return _std.socket.sendmsg(sock, buffers, ancdata, flags)
+        return _std.socket.sendmsg(sock, buffers, ancdata, flags, address)
+
 
 def _after_fork_in_child() -> None:
     # A child that only does I/O on an inherited connection (a forked handler) never reads
@@ -280,6 +320,8 @@ class socket(_std.socket):
             # without connect(): caught until it connects or listens (then they are plain
             # again: UDP's and connected sockets' sends run no Python code of this module).
             self._catch_fast_open()
+        elif self.family == _AF_UNIX:
+            self.sendmsg = _UnixSendmsg(_weakref.ref(self))
 
     # -- TCP Fast Open --
     def _catch_fast_open(self) -> None:
@@ -781,6 +823,10 @@ def fromfd(fd, family, type, proto=0):
         if _runtime.get().is_latched(sock):
             return sock         # one latch per connection: the socket that made it keeps it
         sock._latch_connected()
+        if sock._ipsec.handle is not None:
+            # The descriptor may be another process's (passed over a Unix socket), whose
+            # latch relies on the same pins: this one's close must not clear them.
+            sock._ipsec.generation = _ELSEWHERE
     return sock
 
 

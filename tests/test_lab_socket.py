@@ -7,6 +7,7 @@ raises on the next send and a restored one carries data again.
 Each test runs twice (the `dropin` fixture): in-process as root, and through the hosts'
 brokers as nobody with no capabilities; privileged steps (flushing SAs, IKE) are the
 harness's."""
+import errno
 import json
 import re
 import time
@@ -774,6 +775,78 @@ def test_forked_handler_that_only_does_io_follows_rekeys(lab, dropin):
     client.stop()
     server.stop()
     assert after == {"before": "before", "after": "after", "state": "ESTABLISHED"}, after
+
+
+PASSING_CLIENT = r"""
+import json, os, sys, time
+from ipsecchan import socket
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+if os.fork() == 0:
+    # The receiver: forked before the connection exists, so it gets it only through the
+    # Unix socket, and latches it with its own backend.
+    a.close()
+    _msg, fds, _flags, _addr = socket.recv_fds(b, 10, 1)
+    try:
+        c = socket.fromfd(fds[0], socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:   # (the broker: one latch per socket, the sender's)
+        b.sendall(b"latched")
+        b.recv(10)
+        print(json.dumps({"refused": exc.errno}), flush=True)
+        b.recv(10)
+        os._exit(0)
+    c.settimeout(20)         # (the descriptor is non-blocking: the sender's had a timeout)
+    os.close(fds[0])
+    b.sendall(b"latched")
+    b.recv(10)               # the sender has closed its copy
+    c.sendall(b"after")
+    print(json.dumps({"state": c.latch.state, "echo": c.recv(10).decode()}), flush=True)
+    b.recv(10)
+    c.close()
+    os._exit(0)
+b.close()
+conn = socket.create_connection((sys.argv[1], 5000), timeout=20)
+socket.send_fds(a, [b"x"], [conn.fileno()])
+assert a.recv(10) == b"latched"
+conn.close()                 # the sender lets go: the receiver's latch keeps its pins
+print(json.dumps({"sender": "closed"}), flush=True)
+end = time.monotonic() + 60
+while not os.path.exists(sys.argv[2]) and time.monotonic() < end:
+    time.sleep(0.1)
+a.sendall(b"go")
+time.sleep(3)
+a.sendall(b"end")
+os.wait()
+time.sleep(30)
+"""
+
+
+def test_a_connection_passed_to_another_process_keeps_its_pins(lab, dropin):
+    # A latched connection's descriptor passed over a Unix socket (SCM_RIGHTS) to another
+    # process. In-process, the receiver latches it with its own backend (fromfd): the sender
+    # closing its copy must not clear the pins the receiver's latch relies on (it would
+    # still say ESTABLISHED with nothing pinned: whatever SA the SPD picks would carry the
+    # connection), nor the receiver closing its copy the sender's. Through the broker, which
+    # allows one latch per socket, the receiver's latch is refused (EBUSY: it knows it has
+    # none), and the sender's close leaves its pins for the receiver's copy.
+    lab.add_host("alice")
+    lab.add_host("bob")
+    lab.ike("alice", "bob", auth="cert")
+    bob = lab.host("bob").addr(4)
+    server = lab.spawn("bob", [lab.kernel.python, "-c", PLAIN_ECHO, bob])
+    _wait_listening(lab, "bob", 5000)
+    flag = f"{lab.kernel.state_dir}/{lab.dir}/passed"
+    client = dropin.spawn("alice", [lab.kernel.python, "-c", PASSING_CLIENT, bob, flag])
+    assert _lines(client, 1)[0] == {"sender": "closed"}
+    pins = _pinned_sockets(lab, "alice")
+    lab.run(None, ["touch", flag], check=True)
+    after = _lines(client, 2)[1]
+    client.stop()
+    server.stop()
+    assert pins == 1, pins            # the connection's IN pin, after the sender closed
+    if dropin.mode == "broker":
+        assert after == {"refused": errno.EBUSY}, after
+    else:
+        assert after == {"state": "ESTABLISHED", "echo": "after"}, after
 
 
 def _pinned_sockets(lab, host):

@@ -324,3 +324,44 @@ def test_fast_open_is_caught_on_new_tcp_sockets_and_their_copies_only():
         assert conn2.recv(4) == b"fast"
         for x in (s, d, u, c, c2, conn, conn2):
             x.close()
+
+
+def test_unix_sockets_pass_descriptors_and_data_unchanged(tmp_path):
+    # An AF_UNIX socket's sendmsg looks at the descriptors it passes (a latched connection's
+    # is marked as held elsewhere too); what it sends is the stdlib's.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    try:
+        assert socket.send_fds(a, [b"hello"], [w]) == 5
+        msg, fds, _flags, _addr = socket.recv_fds(b, 10, 1)
+        assert msg == b"hello" and len(fds) == 1
+        os.write(fds[0], b"via the passed descriptor")
+        # A connection of this process's latches whose descriptor is passed is marked as
+        # held elsewhere too (its close must not clear the pins; the lab test shows why).
+        conn, other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for c in (conn, other):
+            socket._latched_connections.add(c)
+        socket.send_fds(a, [b"x"], [w, conn.fileno()])
+        for fd in socket.recv_fds(b, 10, 2)[1]:
+            os.close(fd)
+        assert (conn._ipsec.generation, other._ipsec.generation) == (socket._ELSEWHERE, 0)
+        conn.close()
+        other.close()
+        assert os.read(r, 100) == b"via the passed descriptor"
+        os.close(fds[0])
+        # Datagram sockets with an address, and messages without ancillary data.
+        path = str(tmp_path / "u.sock")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        server.bind(path)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        assert client.sendmsg([b"dgram"], [], 0, path) == 5
+        assert server.recv(10) == b"dgram"
+        assert a.sendmsg([b"plain"]) == 5 and b.recv(10) == b"plain"
+        server.close()
+        client.close()
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)

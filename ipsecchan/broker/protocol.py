@@ -60,6 +60,7 @@ import array
 import json
 import os
 import select
+import _socket
 import socket
 from dataclasses import fields
 
@@ -82,7 +83,12 @@ def send(sock: socket.socket, msg: dict, fd: int | None = None) -> None:
     if fd is None:
         sock.send(data)
     else:
-        socket.send_fds(sock, [data], [fd])
+        # The C method itself (what socket.send_fds calls): with socket.install(), the
+        # client's Unix socket is an ipsecchan one, whose sendmsg would take the socket
+        # handed to the broker for one passed to another process (ipsecchan.socket's
+        # _mark_passed); the broker holds its copy only to act on this client's requests.
+        _socket.socket.sendmsg(sock, [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [fd]))])
 
 
 def encode(msg: dict) -> bytes:
