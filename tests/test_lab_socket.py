@@ -308,13 +308,20 @@ asyncio.run(main())
 """
 
 
-def test_asyncio_transport_ends_with_latch_broken(lab, dropin):
+def _plain_echo_at_bob(lab):
+    """alice and bob with IKE between them, and a plain echo server on bob's port 5000:
+    (bob's address, the server)."""
     lab.add_host("alice")
     lab.add_host("bob")
     lab.ike("alice", "bob", auth="cert")
     bob = lab.host("bob").addr(4)
     server = lab.spawn("bob", [lab.kernel.python, "-c", PLAIN_ECHO, bob])
     _wait_listening(lab, "bob", 5000)
+    return bob, server
+
+
+def test_asyncio_transport_ends_with_latch_broken(lab, dropin):
+    bob, server = _plain_echo_at_bob(lab)
     client = dropin.spawn("alice", [lab.kernel.python, "-c", ASYNC_BREAK, bob])
     end = time.monotonic() + 30
     while b"flush" not in client.output().stdout and time.monotonic() < end:
@@ -828,12 +835,7 @@ def test_a_connection_passed_to_another_process_keeps_its_pins(lab, dropin):
     # connection), nor the receiver closing its copy the sender's. Through the broker, which
     # allows one latch per socket, the receiver's latch is refused (EBUSY: it knows it has
     # none), and the sender's close leaves its pins for the receiver's copy.
-    lab.add_host("alice")
-    lab.add_host("bob")
-    lab.ike("alice", "bob", auth="cert")
-    bob = lab.host("bob").addr(4)
-    server = lab.spawn("bob", [lab.kernel.python, "-c", PLAIN_ECHO, bob])
-    _wait_listening(lab, "bob", 5000)
+    bob, server = _plain_echo_at_bob(lab)
     flag = f"{lab.kernel.state_dir}/{lab.dir}/passed"
     client = dropin.spawn("alice", [lab.kernel.python, "-c", PASSING_CLIENT, bob, flag])
     assert _lines(client, 1)[0] == {"sender": "closed"}
