@@ -302,6 +302,8 @@ class Latcher:
         self._in_c = on
         if getattr(self.view, "light", False):
             self.view.sa_events = not on
+        if not on:
+            self._judge_all = True      # (marks the index took meanwhile are not read now)
         for handle in list(self.handles.values()):
             if on:
                 self._watch(handle)
