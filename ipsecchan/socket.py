@@ -90,6 +90,7 @@ _POLICIES = {IPSEC_POLICY_BYPASS: None, IPSEC_POLICY_REQUIRE: Policy.REQUIRE,
 _XFRM_POLICY_OPTIONS = {_policy_level(AF_INET), _policy_level(AF_INET6)}
 _MSG_FASTOPEN = getattr(_std, "MSG_FASTOPEN", 0x20000000)
 _SCM_RIGHTS = getattr(_std, "SCM_RIGHTS", 1)
+_raw_family = _csocket.socket.family.__get__      # (the property makes an enum: slower)
 _AF_UNIX = getattr(_std, "AF_UNIX", None)
 _DATA_METHODS = ("send", "sendall", "sendto", "sendmsg", "sendfile", "recv", "recv_into",
                  "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into")
@@ -320,7 +321,7 @@ class socket(_std.socket):
             # without connect(): caught until it connects or listens (then they are plain
             # again: UDP's and connected sockets' sends run no Python code of this module).
             self._catch_fast_open()
-        elif self.family == _AF_UNIX:
+        elif _raw_family(self) == _AF_UNIX:
             self.sendmsg = _UnixSendmsg(_weakref.ref(self))
 
     # -- TCP Fast Open --

@@ -654,7 +654,6 @@ class Latcher:
         handle = LatchHandle(next(self._ids), sock, flow, latch, on_alert, listener=listener,
                              pin_in=track.pin_in)
         self.handles[handle.id] = handle
-        self._keys_due.pop(handle.id, None)
         self.registry.add(handle.id, flow, _keys(latch))
         try:
             self._watch(handle)
