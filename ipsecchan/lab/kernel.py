@@ -112,6 +112,13 @@ class Kernel:
                                      "line cannot carry it")
         workdir = tempfile.mkdtemp(prefix="ipsecchan-uml-")
         console = os.path.join(workdir, "console.log")
+        env = None
+        if _host_xsave_exceeds_uml():
+            try:
+                env = dict(os.environ, LD_PRELOAD=_build_xstate_shim(workdir))
+            except LabUnavailable:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
         ours, theirs = socket.socketpair()
         argv = [binary, f"mem={UML_MEMORY}", f"uml_dir={workdir}", "umid=lab",
                 "rootfstype=hostfs", "rootflags=/", "ro", "con=null", "con0=null,fd:1",
@@ -123,7 +130,7 @@ class Kernel:
             with open(console, "wb") as out:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, pass_fds=(theirs.fileno(),),
-                                        start_new_session=True)
+                                        start_new_session=True, env=env)
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise LabUnavailable(f"cannot start {binary}: {exc}") from None
@@ -181,6 +188,39 @@ class Kernel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# CPU features whose registers lie beyond the 832-byte XSAVE area (x87, SSE, AVX) that
+# Debian 12's user-mode-linux (6.1) saves per guest thread: with any of them it cannot set a
+# guest thread's registers, and its init dies at once. uml_xstate.c makes up the difference.
+_XSAVE_BEYOND_AVX = {"avx512f", "ospke", "amx_tile"}
+
+
+def _host_xsave_exceeds_uml() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(_XSAVE_BEYOND_AVX & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def _build_xstate_shim(workdir: str) -> str:
+    """Compile uml_xstate.c into the boot's private folder (never a shared, predictable path:
+    this library is preloaded into a process running as root)."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "uml_xstate.c")
+    target = os.path.join(workdir, "uml_xstate.so")
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise LabUnavailable("this CPU's vector registers (AVX-512, PKRU or AMX) need a shim "
+                             "for user-mode-linux, built with a C compiler: apt-get install gcc")
+    r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", target, source, "-ldl"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabUnavailable(f"cannot build the user-mode-linux register shim: {r.stderr.strip()}")
+    return target
 
 
 def _package_root() -> str:
