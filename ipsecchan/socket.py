@@ -260,6 +260,13 @@ _latched_connections: "_weakref.WeakSet[socket]" = _weakref.WeakSet()
 _ELSEWHERE = -1
 
 
+class _OwnFd(int):
+    """A descriptor this module made the socket of (accept, dup, socketpair): socket.__init__
+    latches only descriptors from elsewhere. (An int, so that subclasses of socket that
+    override __init__ pass it on unchanged.)"""
+    __slots__ = ()
+
+
 def _mark_passed(ancdata) -> None:
     """Latched connections whose descriptors these SCM_RIGHTS messages pass on."""
     fds = set()
@@ -323,6 +330,8 @@ class socket(_std.socket):
             self._catch_fast_open()
         elif _raw_family(self) == _AF_UNIX:
             self.sendmsg = _UnixSendmsg(_weakref.ref(self))
+        if fileno is not None and fileno.__class__ is not _OwnFd:
+            self._latch_given()
 
     # -- TCP Fast Open --
     def _catch_fast_open(self) -> None:
@@ -355,6 +364,32 @@ class socket(_std.socket):
         if address is None:
             return _std.socket.sendmsg(self, buffers, ancdata, flags)
         return _std.socket.sendmsg(self, buffers, ancdata, flags, address)
+
+    def _latch_given(self) -> None:
+        """A descriptor from elsewhere (socket(fileno=...), fromfd(): passed over a Unix
+        socket, inherited through exec, handed over by inetd or systemd): a connection is
+        latched as if it had connected here, unless this process has latched it already (one
+        latch per connection: the socket that made it keeps it). A listening one gets its
+        LISTENER latch only when listen() is called on it again."""
+        if not self._latchable():
+            return
+        try:
+            self.getpeername()
+        except OSError:
+            return
+        if _runtime.get().is_latched(self):
+            return
+        try:
+            self._latch_connected()
+        except LatchRefused:
+            # Another process may hold this connection too: its close must not abort it
+            # (the block stays), and the caller's descriptor stays the caller's.
+            self._ipsec.generation = _ELSEWHERE
+            self.detach()
+            raise
+        if self._ipsec.handle is not None:
+            # The other holder's latch relies on the same pins: this close must not clear them.
+            self._ipsec.generation = _ELSEWHERE
 
     # -- which sockets latch --
     def _latchable(self) -> bool:
@@ -526,7 +561,7 @@ class socket(_std.socket):
     def accept(self):
         while True:
             fd, addr = self._accept()
-            sock = type(self)(self.family, self.type, self.proto, fileno=fd)
+            sock = type(self)(self.family, self.type, self.proto, fileno=_OwnFd(fd))
             if getdefaulttimeout() is None and self.gettimeout():
                 sock.setblocking(True)
             try:
@@ -625,7 +660,8 @@ class socket(_std.socket):
             sup()
 
     def dup(self):
-        sock = type(self)(self.family, self.type, self.proto, fileno=_std.dup(self.fileno()))
+        sock = type(self)(self.family, self.type, self.proto,
+                          fileno=_OwnFd(_std.dup(self.fileno())))
         sock.settimeout(self.gettimeout())
         sock._ipsec.policy = self._ipsec.policy
         if type(self.__dict__.get("sendto")) is _FastOpenCall:
@@ -813,29 +849,22 @@ def _raiser(cause: str, detail: str):
 # ---- the functions that make sockets (the stdlib's would make stdlib sockets) ----
 
 def fromfd(fd, family, type, proto=0):
-    """As socket.fromfd; a connected socket is latched, a listening one gets a LISTENER latch
-    only when listen() is called on it again."""
-    sock = socket(family, type, proto, _std.dup(fd))
-    if sock._latchable():
-        try:
-            sock.getpeername()
-        except OSError:
-            return sock
-        if _runtime.get().is_latched(sock):
-            return sock         # one latch per connection: the socket that made it keeps it
-        sock._latch_connected()
-        if sock._ipsec.handle is not None:
-            # The descriptor may be another process's (passed over a Unix socket), whose
-            # latch relies on the same pins: this one's close must not clear them.
-            sock._ipsec.generation = _ELSEWHERE
-    return sock
+    """As socket.fromfd; a connected socket is latched (as with socket(fileno=...)), a
+    listening one gets a LISTENER latch only when listen() is called on it again."""
+    copy = _std.dup(fd)
+    try:
+        return socket(family, type, proto, copy)
+    except LatchRefused:
+        _os.close(copy)         # (the connection stays blocked: the block is the socket's)
+        raise
 
 
 def socketpair(family=None, type=SOCK_STREAM, proto=0):
     if family is None:
         family = getattr(_std, "AF_UNIX", AF_INET)
     a, b = _std.socketpair(family, type, proto)
-    return (socket(family, type, proto, a.detach()), socket(family, type, proto, b.detach()))
+    return (socket(family, type, proto, _OwnFd(a.detach())),
+            socket(family, type, proto, _OwnFd(b.detach())))
 
 
 _GLOBAL_DEFAULT_TIMEOUT = _std._GLOBAL_DEFAULT_TIMEOUT

@@ -488,14 +488,15 @@ def case_after_not_a_number(bench, s):
 
 
 def case_latched_twice(bench, s):
-    """The same socket again, from another client: refused, with nothing of the first."""
-    with udp() as u, bench.session() as first:
-        one = _latch_with(first, u)
+    """The same socket again, from the client that latched it: refused, with nothing of the
+    first. (From another client holding it, it shares the latch: test_broker's sharing.)"""
+    with udp() as u:
+        one = _latch_with(s, u)
         assert one["ok"], one
         try:
             return _latch_with(s, u)
         finally:
-            assert first.call({"op": "release", "latch": one["latch"]["id"]})["ok"]
+            assert s.call({"op": "release", "latch": one["latch"]["id"]})["ok"]
 
 
 def case_require_without_ipsec(bench, s):
@@ -1180,9 +1181,12 @@ def isolation():
                     "list": call({"op": "list"}),
                     "release": call({"op": "release", "latch": lid}),
                     "accept": call({"op": "accept", "listener": lsn_id}, u),
-                    # It holds the owner's socket (inherited): still no second latch on it.
-                    "latch_it": call({"op": "latch", "policy": "optional"}, u),
                 }
+                # It holds the owner's socket (inherited): holding it entitles it to that
+                # connection's latch (as to SO_PEERCRED), which it shares, then lets go of.
+                # (Not in what it saw: the latch's parties are the connection's, its to see.)
+                res["latch_it"] = s.call({"op": "latch", "policy": "optional"}, u)
+                res["let_go"] = call({"op": "release", "latch": lid})
                 os.write(ready_w, b"x")
                 os.read(go_r, 1)
                 while (m := s.read(2)) is not None:      # events for 2 s: none are its
@@ -1226,8 +1230,10 @@ def test_one_user_learns_nothing_of_another_users_latches():
     assert other["list"]["errno"] == errno.EPERM
     assert other["release"]["errno"] == errno.ENOENT      # not its latch: as if none
     assert other["accept"]["errno"] == errno.ENOENT       # not its listener
-    assert other["latch_it"]["errno"] == errno.EBUSY
-    # The owner heard its latch break; the other user heard nothing, and never saw the peer.
+    assert other["latch_it"]["ok"] and other["latch_it"]["latch"]["id"] == mine["id"]
+    assert other["let_go"]["ok"]
+    # The owner heard its latch break; the other user heard nothing, and never saw the peer
+    # but through the socket it holds.
     assert (r["alert"]["event"], r["alert"]["new"], r["alert"]["latch"]["id"]) == \
         ("alert", "BROKEN", mine["id"])
     assert other["heard"] == []
@@ -1715,6 +1721,87 @@ def test_a_latch_waiting_for_its_identities_does_not_hold_up_other_clients():
     assert all(x is not None and x < 1.0 for x in r["others"]), r["others"]
     assert r["second"]["ok"] is True                      # answered, after the first
     assert r["state"]["latches"] == 0 and r["state"]["policies"] == 0
+    assert r["errors"] == []
+
+
+@scenario
+def sharing():
+    """A connection held by two clients (a descriptor passed from one process to another):
+    the second's latch request shares the first's latch, which lives until the last holder
+    lets go; alerts go to both; a request the latch does not meet is refused unblocked."""
+    bench = _protected_bench()
+    out: dict = {}
+    try:
+        a, b, c = bench.session(), bench.session(), bench.session()
+        u = udp(B)
+        mine = socket.socket(fileno=os.dup(u.fileno()))     # b's own descriptor of it
+        one = a.call({"op": "latch", "policy": "require"}, u)
+        lid = one["latch"]["id"]
+        pins = sorted(socket_policies())
+        out["joined"] = b.call({"op": "latch", "policy": "require"}, mine)
+        out["same_id"] = out["joined"]["latch"]["id"] == lid
+        out["again"] = b.call({"op": "latch", "policy": "require"}, mine)
+        out["other_peer"] = c.call({"op": "latch", "policy": "require",
+                                    "peer_id": "CN=mallory"}, u)
+        out["pins_kept"] = sorted(socket_policies()) == pins and len(pins) == 2
+        # The SPD's policy goes (cleartext), then comes back: both holders hear both.
+        spd = ["src", A, "dst", B, "proto", "udp", "dir", "out"]
+        subprocess.run(["ip", "xfrm", "policy", "delete", *spd], check=True)
+        time.sleep(1)
+        subprocess.run(["ip", "xfrm", "policy", "add", *spd, "priority", "100", "tmpl", "src",
+                        A, "dst", B, "proto", "esp", "reqid", "7", "mode", "transport"],
+                       check=True)
+        time.sleep(1)
+        for who, sess in (("a", a), ("b", b)):
+            while (m := sess.read(1)) is not None:
+                sess.events.append(m)
+            out[f"alerts_{who}"] = [(e["old"], e["new"]) for e in sess.events
+                                    if e.get("event") == "alert"]
+        # The first holder's descriptor goes (closed without a release): the second holds
+        # the latch from then on, its pins in place; its release ends it.
+        u.close()
+        out["after_first_gone"] = bench.wait_for({"owned": 1, "policies": 2}, timeout=8)
+        out["pins_after_first_gone"] = sorted(socket_policies()) == pins
+        out["owner_is_b"] = bench.broker.owner.get(lid) is not None and \
+            bench.broker.owner[lid].latches.get(lid) is not None and lid not in \
+            bench.broker.sharers
+        out["release"] = b.call({"op": "release", "latch": lid})
+        out["after_release"] = bench.wait_for({"latches": 0, "policies": 0})
+        # A sharer whose session ends leaves the latch to the other, pinned, not blocked.
+        u2 = udp(B)
+        mine2 = socket.socket(fileno=os.dup(u2.fileno()))
+        two = a.call({"op": "latch", "policy": "require"}, u2)
+        pins2 = sorted(socket_policies())
+        assert b.call({"op": "latch", "policy": "require"}, mine2)["ok"]
+        b.close()
+        time.sleep(0.5)
+        out["after_sharer_gone"] = sorted(socket_policies()) == pins2
+        out["still_a"] = a.call({"op": "release", "latch": two["latch"]["id"]})
+        out["end"] = bench.wait_for({"latches": 0, "policies": 0})
+        for x in (a, c, mine, u2, mine2):
+            x.close()
+        out["errors"] = bench.errors
+        return out
+    finally:
+        bench.close()
+
+
+def test_a_connection_two_clients_hold_shares_one_latch():
+    r = run_scenario("sharing")
+    assert r["joined"]["ok"] and r["same_id"], r
+    assert r["joined"]["latch"]["state"] == "ESTABLISHED"
+    assert r["joined"]["latch"]["params"]["peer"]["id"] == "CN=bob"
+    assert r["again"]["errno"] == errno.EBUSY, r["again"]
+    assert r["other_peer"]["ok"] is False, r
+    assert r["other_peer"]["cause"] == "peer-not-required", r
+    assert r["pins_kept"], r                    # refused, not blocked: still the pins
+    broke = [["ESTABLISHED", "BROKEN"], ["BROKEN", "ESTABLISHED"]]
+    assert r["alerts_a"] == broke and r["alerts_b"] == broke, r
+    assert r["after_first_gone"]["owned"] == 1 and r["pins_after_first_gone"], r
+    assert r["owner_is_b"], r
+    assert r["release"]["ok"] and r["after_release"]["policies"] == 0, r
+    assert r["after_sharer_gone"], r
+    assert r["still_a"]["ok"] and r["end"]["latches"] == 0, r
     assert r["errors"] == []
 
 

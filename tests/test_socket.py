@@ -326,6 +326,26 @@ def test_fast_open_is_caught_on_new_tcp_sockets_and_their_copies_only():
             x.close()
 
 
+def test_descriptors_from_elsewhere_are_latched_and_the_modules_own_are_not(monkeypatch):
+    # socket(fileno=...) and fromfd() wrap a descriptor this module did not make (passed
+    # over a Unix socket, inherited, handed over by inetd or systemd): a connection there is
+    # latched as if connected here (the lab shows the latch). accept(), dup() and
+    # socketpair() wrap descriptors of sockets this module made and latches itself.
+    given = []
+    monkeypatch.setattr(socket.socket, "_latch_given", lambda self: given.append(self))
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        c = socket.create_connection(srv.getsockname(), timeout=5)
+        conn, _ = srv.accept()
+        made = [conn, c.dup(), *socket.socketpair()]
+        assert given == []
+        wrapped = socket.socket(fileno=os.dup(c.fileno()))
+        copied = socket.fromfd(c.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        assert given == [wrapped, copied]
+        assert wrapped.family == socket.AF_INET and wrapped.getpeername() == srv.getsockname()
+        for x in (c, wrapped, copied, *made):
+            x.close()
+
+
 def test_unix_sockets_pass_descriptors_and_data_unchanged(tmp_path):
     # An AF_UNIX socket's sendmsg looks at the descriptors it passes (a latched connection's
     # is marked as held elsewhere too); what it sends is the stdlib's.

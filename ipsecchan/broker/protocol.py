@@ -38,13 +38,18 @@ Broker -> client:
                                      message, each in `ipsecchan ss --json`'s "ipsec" format
     {"id": n, "ok": false, "error": "...", "errno": e|null, "cause": c|null[, "detail": "..."]}
     {"event": "alert", "latch": LATCH, "old": s, "new": s, "cause": c|null, "detail": "...",
-     "rekeyed": bool}                pushed to the client that owns the latch, and only to it
+     "rekeyed": bool}                pushed to the clients that hold the latch, and only to them
 
 "expect" latches a socket again (after a broker restart) only to the parameters it had: the
 same peer (and key), no weaker protection; else it is refused like any latch, and blocked.
 A request that cannot be read (not JSON, too long, no integer id) is answered with "id": null.
-A socket that some client has latched already is refused (EBUSY), whoever asks: two latches
-on one socket would undo each other's policies.
+One latch per socket: two would undo each other's policies. A connection that another client
+has latched ("latch" from a process it was passed to, or that inherited it) shares that
+latch: the reply is that latch (its id), its alerts go to every client holding it, and it
+lasts until the last of them releases it (or its descriptor is gone); it is refused
+(ECONNREFUSED, not blocked: the other's latch still pins it) when it does not meet the
+request's requirements or "expect", and a socket latched already by the asking client, a
+listener or a socket being latched is refused (EBUSY).
 
 LATCH: {"id", "role": connector|listener|accepted, "state", "cause", "detail", "flow": null |
 {"family", "proto", "local", "local_port", "remote", "remote_port"}, "params": null | PARAMS}

@@ -62,8 +62,8 @@ from dataclasses import dataclass, field
 
 from ipsecchan.broker import protocol
 from ipsecchan.latch.enforce import apply, unsent
-from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, Policy,
-                                     Requirements)
+from ipsecchan.latch.machine import (Block, Cause, LatchParams, LatchRefused, LatchState,
+                                     Policy, Requirements, conflict)
 from ipsecchan.latch.engine import Latcher, LatchWouldWait, packet_family
 from ipsecchan.xfrm import clear_socket_policies
 from ipsecchan.xfrm.lookup import Flow
@@ -554,6 +554,9 @@ class Broker:
             raise
         self.clients: set[Client] = set()
         self.owner: dict[int, Client] = {}            # latch id -> client
+        # latch id -> the other clients holding that connection too (a descriptor passed
+        # over a Unix socket, or inherited), each with its own descriptor of it (see _join)
+        self.sharers: dict[int, dict[Client, ClientSocket]] = {}
         self.by_ino: dict[int, object] = {}            # socket inode -> its latch handle
         self.per_uid: collections.Counter = collections.Counter()   # latches by uid
         self.held = 0          # client descriptors kept (no pidfd_getfd), counted for limits
@@ -822,6 +825,10 @@ class Broker:
             # The received descriptor is held until the latch is made.
             if not self._fd_room(1):
                 raise RequestError("the broker is out of descriptors", errno.EMFILE)
+            shared = self._latched_elsewhere(client, ino) if op == "latch" else None
+            if shared is not None:
+                self._join(client, shared, ref, req, expect)
+                return {"ok": True, "latch": protocol.latch_json(shared)}
             self._claim(ino)
         except BaseException:
             ref.close()
@@ -959,6 +966,81 @@ class Broker:
         # (ref.sock), so this close cannot be the socket's last one, and cannot block.
         os.close(same.detach())
 
+    def _latched_elsewhere(self, client: Client, ino: int):
+        """The latch another client holds on this connection, if any (None: none, or one
+        _claim refuses: a listener's, one being made, this client's own)."""
+        other = self.by_ino.get(ino)
+        if other is None or other is _BEING_LATCHED or other.flow is None:
+            return None
+        owner = self.owner.get(other.id)
+        if owner is not None and self._ref_of(owner, other).gone:
+            self._release(owner, other)     # (a sharer, if any, holds it from now on)
+            return self._latched_elsewhere(client, ino)
+        if owner is None or owner is client or client in self.sharers.get(other.id, ()):
+            return None
+        return other
+
+    def _join(self, client: Client, handle, ref: ClientSocket, req: Requirements,
+              expect: LatchParams | None) -> None:
+        """Another client holds this connection too (passed to it, or inherited) and asks
+        for its latch: it shares the one there is. Two latches on one socket would undo each
+        other's pins, and holding the socket is what entitles a client to its latch. The
+        latch must meet this client's requirements (and `expect`), else it is refused, and
+        not blocked: the other holder's latch still pins the connection."""
+        latch = handle.latch
+        if latch.state is not LatchState.ESTABLISHED:
+            cause = latch.cause or Cause.NOT_VERIFIED
+            raise RequestError(f"connection not latched: {cause.value} (its latch, held by "
+                               f"another process, is {latch.state.value})",
+                               errno.ECONNREFUSED, cause.value, latch.detail)
+        params = latch.params
+        if not params.protected and req.policy is not Policy.OPTIONAL:
+            cause, detail = Cause.CLEARTEXT, "the connection is latched to cleartext"
+        elif req.peer_id is not None and (not params.protected or
+                                          params.peer.id != req.peer_id):
+            cause = Cause.PEER_NOT_REQUIRED
+            detail = f"peer is {params.peer.id if params.peer else None!r}, " \
+                     f"required {req.peer_id!r}"
+        elif expect is not None:
+            cause, detail = conflict(params, expect, req)
+        else:
+            cause, detail = None, ""
+        if cause is not None:
+            raise RequestError(f"connection not latched: {cause.value} ({detail})",
+                               errno.ECONNREFUSED, cause.value, detail)
+        if req.strict_algorithms and not latch.requirements.strict_algorithms:
+            raise RequestError("the socket is latched already, without strict algorithms",
+                               errno.EBUSY)
+        ref.let_go()
+        self.held += ref.held
+        client.latches[handle.id] = handle
+        self.sharers.setdefault(handle.id, {})[client] = ref
+        self.per_uid[client.uid] += 1
+        log.info("latch %d shared with %s", handle.id, client.label())
+
+    def _ref_of(self, client: Client, handle) -> "ClientSocket":
+        """The client's own descriptor of a latch's socket."""
+        if self.owner.get(handle.id) is client:
+            return handle.sock
+        return self.sharers[handle.id][client]
+
+    def _leave(self, client: Client, handle) -> "ClientSocket | None":
+        """A latch other clients hold too: this client's hold ends, the latch stays with its
+        pins (a sharer becomes its owner if this client was). The client's descriptor
+        record, or None when nobody else holds the latch."""
+        sharers = self.sharers.get(handle.id)
+        if not sharers:
+            return None
+        if self.owner.get(handle.id) is client:
+            heir = next(iter(sharers))
+            ref, handle.sock = handle.sock, sharers.pop(heir)
+            self.owner[handle.id] = heir
+        else:
+            ref = sharers.pop(client)
+        if not sharers:
+            del self.sharers[handle.id]
+        return ref
+
     def _claim(self, ino: int, busy: str = "this socket is latched already") -> None:
         """One latch per socket: a second (by this client or another) would replace the
         first one's policies, and releasing either would clear them under the other."""
@@ -1093,6 +1175,15 @@ class Broker:
             self.per_uid[client.uid] -= 1
             if not self.per_uid[client.uid]:
                 del self.per_uid[client.uid]
+        mine = self._leave(client, handle)
+        if mine is not None:
+            # Others hold the connection too: the latch and its pins stay theirs (nor is it
+            # blocked when this client is gone: they still verify it).
+            if passed is not None:
+                _dispose(passed)
+            self.held -= mine.held
+            mine.close()
+            return
         self.owner.pop(handle.id, None)
         ref = handle.sock
         if self.by_ino.get(ref.ino) is handle:
@@ -1122,7 +1213,10 @@ class Broker:
                "new": alert.new.value, "cause": alert.cause.value if alert.cause else None,
                "detail": alert.detail, "rekeyed": alert.rekeyed}
         self._reply(client, msg)
-        followers = [c for c in self.clients if c.follower and c is not client]
+        for sharer in list(self.sharers.get(handle.id, ())):
+            self._reply(sharer, msg)
+        holders = {client, *self.sharers.get(handle.id, ())}
+        followers = [c for c in self.clients if c.follower and c not in holders]
         if followers:
             # The status services' ALERT format (see ipsecchan.latch.status).
             msg = {"event": "alert", "time": time.time(), "pid": client.pid, "id": handle.id,
@@ -1183,7 +1277,7 @@ class Broker:
         """Latches whose socket is gone (closed without a release) are released."""
         for client in list(self.clients):
             for handle in list(client.latches.values()):
-                if handle.sock.gone:
+                if self._ref_of(client, handle).gone:
                     self._release(client, handle)
 
     def _drop(self, client: Client, why: str) -> None:
