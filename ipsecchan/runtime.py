@@ -41,13 +41,14 @@ class LatchedFd:
     moved on (detach(): ssl.wrap_socket takes it over, fromfd/dup), the descriptor number is
     used, but only while it still names the same kernel socket (its inode, recorded at detach):
     descriptor numbers are reused, and a policy must never land on somebody else's socket."""
-    __slots__ = ("_owner", "fd", "family", "type", "ino", "__weakref__")
+    __slots__ = ("_owner", "fd", "family", "type", "ino", "_owner_ino", "__weakref__")
 
     def __init__(self, owner: _std.socket):
         self._owner = weakref.ref(owner)
         self.fd = owner.fileno()
         self.family, self.type = owner.family, owner.type
         self.ino: int | None = None
+        self._owner_ino: int | None = None      # inode(), read once while the owner has it
 
     def detached(self) -> None:
         """The owner gives its descriptor away: keep following it by inode."""
@@ -76,6 +77,15 @@ class LatchedFd:
 
     def inode(self) -> int | None:
         """The latched socket's inode, or None when it is gone."""
+        owner = self._owner()
+        if owner is not None and owner.fileno() == self.fd:
+            # (is_latched asks every latch's: one fstat each, not one per question)
+            if self._owner_ino is None:
+                try:
+                    self._owner_ino = os.fstat(self.fd).st_ino
+                except OSError:
+                    return None
+            return self._owner_ino
         sock, tmp = self._target()
         if sock is None:
             return None
