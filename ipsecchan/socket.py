@@ -53,9 +53,9 @@ import weakref as _weakref
 import socket as _std
 import _socket as _csocket
 from socket import *  # noqa: F401,F403  (the drop-in: every name of the stdlib module)
-from socket import (AF_INET, AF_INET6, IPPROTO_IPV6, IPV6_V6ONLY, SO_LINGER, SO_REUSEADDR,
-                    SOCK_DGRAM, SOCK_STREAM, SOL_SOCKET, error, getaddrinfo, getdefaulttimeout,
-                    has_dualstack_ipv6, has_ipv6)
+from socket import (AF_INET, AF_INET6, IPPROTO_IPV6, IPV6_V6ONLY, SO_ACCEPTCONN, SO_LINGER,
+                    SO_REUSEADDR, SOCK_DGRAM, SOCK_STREAM, SOL_SOCKET, error, getaddrinfo,
+                    getdefaulttimeout, has_dualstack_ipv6, has_ipv6)
 
 from ipsecchan import runtime as _runtime
 from ipsecchan import sockopt as _opt
@@ -376,6 +376,9 @@ class socket(_std.socket):
         try:
             self.getpeername()
         except OSError:
+            if self.type & 0xF == SOCK_STREAM and not self.getsockopt(SOL_SOCKET,
+                                                                      SO_ACCEPTCONN):
+                self._catch_fast_open()     # unconnected: it may connect by a Fast Open send
             return
         if _runtime.get().is_latched(self):
             return

@@ -312,12 +312,21 @@ def test_fast_open_is_caught_on_new_tcp_sockets_and_their_copies_only():
     s = socket.socket()
     d = s.dup()
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    assert caught(s) and caught(d) and not caught(u)
+    # Descriptors from elsewhere too (socket(fileno=), fromfd()), as long as unconnected.
+    given = [socket.socket(fileno=os.dup(s.fileno())),
+             socket.fromfd(s.fileno(), socket.AF_INET, socket.SOCK_STREAM)]
+    assert caught(s) and caught(d) and not caught(u) and all(map(caught, given))
+    for x in given:
+        x.close()
     with socket.create_server(("127.0.0.1", 0)) as srv:
         c = socket.create_connection(srv.getsockname(), timeout=5)
         conn, _ = srv.accept()
         c2 = c.dup()
-        assert not any(map(caught, (srv, c, c2, conn)))
+        c3 = socket.socket(fileno=os.dup(c.fileno()))
+        s2 = socket.socket(fileno=os.dup(srv.fileno()))
+        assert not any(map(caught, (srv, c, c2, conn, c3, s2)))
+        c3.close()
+        s2.close()
         n = d.sendto(b"fast", socket.MSG_FASTOPEN, srv.getsockname())   # loopback: plain
         assert n == 4 and not caught(d)
         conn2, _ = srv.accept()
