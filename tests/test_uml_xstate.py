@@ -98,3 +98,16 @@ def test_a_buffer_never_read_sets_the_rest_to_its_initial_state(stopped_child, s
     # AVX-512 (opmask, upper ZMM halves, ZMM16-31) and AMX back to their initial state; the
     # host always reports PKRU.
     assert bv & ~0x7 & ~(1 << 9) == 0, hex(bv)
+
+
+def test_a_guest_that_died_of_it_is_diagnosed_from_its_whole_console(tmp_path):
+    # The line that says why is above the panic's trace, which fills the console's tail.
+    console = tmp_path / "console.log"
+    console.write_text("booting\nuserspace - ptrace set fp regs failed, errno = 14\n"
+                       "Kernel panic - not syncing: Attempted to kill init!\n"
+                       + "".join(f" [<6002d37a>] trace line {i}\n" for i in range(60)))
+    why = kernel._why(str(console))
+    assert "ptrace set fp regs failed" in why and "uml_xstate.c" in why
+    assert "fp regs" not in kernel._tail(str(console))
+    console.write_text("booting\nreboot: System halted\n")
+    assert kernel._why(str(console)) == ""

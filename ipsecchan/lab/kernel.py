@@ -140,8 +140,8 @@ class Kernel:
         writer = ours.makefile("wb", buffering=0)
 
         def on_close() -> str:
-            return "the lab kernel (user-mode-linux) stopped; its console said:\n" + \
-                _tail(console)
+            return "the lab kernel (user-mode-linux) stopped" + _why(console) + \
+                "; its console said:\n" + _tail(console)
         client = rpc.Client(reader, writer, on_close)
         kernel = cls._finish_start("uml", proc, client, workdir, console)
         kernel._sock = ours
@@ -253,6 +253,24 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     for stream in (proc.stdin, proc.stdout):
         if stream is not None:
             stream.close()
+
+
+# Console lines that say why a guest died, often above the last lines (a panic's trace).
+_FATAL = ("ptrace set fp regs failed", "Kernel panic")
+
+
+def _why(path: str | None) -> str:
+    try:
+        with open(path or "", "rb") as f:
+            found = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines()
+                     if any(m in line for m in _FATAL)]
+    except OSError:
+        return ""
+    why = ": " + " / ".join(found[:3]) if found else ""
+    if any("fp regs" in line for line in found):
+        why += (" (this CPU's XSAVE area is larger than this user-mode-linux kernel knows;"
+                " the lab's register shim, ipsecchan/lab/uml_xstate.c, did not cover it)")
+    return why
 
 
 def _tail(path: str | None, lines: int = 40) -> str:
