@@ -1744,6 +1744,8 @@ def sharing():
         out["other_peer"] = c.call({"op": "latch", "policy": "require",
                                     "peer_id": "CN=mallory"}, u)
         out["pins_kept"] = sorted(socket_policies()) == pins and len(pins) == 2
+        out["listed"] = [(x["id"], x["owner"]["pid"], x["sharers"])
+                         for x in c.call({"op": "list"})["latches"]]
         # The SPD's policy goes (cleartext), then comes back: both holders hear both.
         spd = ["src", A, "dst", B, "proto", "udp", "dir", "out"]
         subprocess.run(["ip", "xfrm", "policy", "delete", *spd], check=True)
@@ -1808,6 +1810,9 @@ def test_a_connection_two_clients_hold_shares_one_latch():
     assert r["other_peer"]["ok"] is False, r
     assert r["other_peer"]["cause"] == "peer-not-required", r
     assert r["pins_kept"], r                    # refused, not blocked: still the pins
+    # Listed once, with its sharer (the same process here, as a second client).
+    assert len(r["listed"]) == 1 and r["listed"][0][2] == [{"pid": r["listed"][0][1],
+                                                             "uid": 0}], r["listed"]
     broke = [["ESTABLISHED", "BROKEN"], ["BROKEN", "ESTABLISHED"]]
     assert r["alerts_a"] == broke and r["alerts_b"] == broke, r
     assert r["after_first_gone"]["owned"] == 1 and r["pins_after_first_gone"], r

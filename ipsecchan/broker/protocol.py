@@ -32,7 +32,8 @@ Broker -> client:
     {"id": n, "ok": true, "latch": LATCH}
     {"id": n, "ok": true, "latches": [...], "next": L|null}   each latch in the status
                                      services' LATCH format (ipsecchan.latch.status) with
-                                     "owner": {"pid", "uid"}
+                                     "owner": {"pid", "uid"}, "sharers": [{"pid", "uid"}...]
+                                     (the other clients holding it: see below)
                                      list: as many as fit in a message; "next" to ask for more
     {"id": n, "ok": true, "ipsec": [...]}   lookup: one object per flow, as many as fit in a
                                      message, each in `ipsecchan ss --json`'s "ipsec" format

@@ -1101,7 +1101,9 @@ class Broker:
         # inode (ss joins on it) and the process that owns the latch.
         from ipsecchan.latch.status import latch_dict
         return {**latch_dict(handle, getattr(handle.sock, "ino", None)),
-                "owner": {"pid": owner.pid, "uid": owner.uid}}
+                "owner": {"pid": owner.pid, "uid": owner.uid},
+                "sharers": [{"pid": c.pid, "uid": c.uid}
+                            for c in self.sharers.get(handle.id, ())]}
 
     def _list(self, client: Client, msg: dict) -> dict:
         self._check_operator(client, "listing latches")
