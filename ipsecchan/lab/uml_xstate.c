@@ -35,7 +35,7 @@
 #define XSTATE_BV_OFFSET 512
 /* Components 0-2 (x87, SSE, AVX) lie in the first 832 bytes of the standard format. */
 #define XFEATURES_IN_HEAD 0x7ULL
-#define SLOTS 4096 /* guest threads; more only lose the tail of the oldest */
+#define SLOTS 16384 /* UML buffers (one per guest task, addresses recycled): far more than live */
 
 typedef long (*ptrace_fn)(int, pid_t, void *, void *);
 
