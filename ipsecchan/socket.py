@@ -374,13 +374,14 @@ class socket(_std.socket):
         if not self._latchable():
             return
         try:
-            self.getpeername()
+            peer = self.getpeername()
         except OSError:
             if self.type & 0xF == SOCK_STREAM and not self.getsockopt(SOL_SOCKET,
                                                                       SO_ACCEPTCONN):
                 self._catch_fast_open()     # unconnected: it may connect by a Fast Open send
             return
-        if _runtime.get().is_latched(self):
+        # (Loopback first: it needs no backend, and asking one would start it.)
+        if _is_loopback(peer[0]) or _runtime.get().is_latched(self):
             return
         try:
             self._latch_connected()

@@ -322,9 +322,12 @@ def test_fast_open_is_caught_on_new_tcp_sockets_and_their_copies_only():
         c = socket.create_connection(srv.getsockname(), timeout=5)
         conn, _ = srv.accept()
         c2 = c.dup()
+        from ipsecchan import runtime
+        before = runtime.current()
         c3 = socket.socket(fileno=os.dup(c.fileno()))
         s2 = socket.socket(fileno=os.dup(srv.fileno()))
         assert not any(map(caught, (srv, c, c2, conn, c3, s2)))
+        assert runtime.current() is before      # (a loopback connection needs no backend)
         c3.close()
         s2.close()
         n = d.sendto(b"fast", socket.MSG_FASTOPEN, srv.getsockname())   # loopback: plain
