@@ -213,22 +213,56 @@ print(json.dumps(r))
 """
 
 
+# Bob's end of the faults test, latched too: when the IKE_SA is deleted, charon removes bob's
+# policies as well, and a plain server's next packet (a retransmitted echo, say) would go in
+# clear: the SPD alone cannot keep that connection's packets off the link, its latch does.
+LATCHED_ECHO = r"""
+import json, select, socket, sys
+from ipsecchan.ike.strongswan import StrongSwanSource
+from ipsecchan.latch.engine import Latcher
+
+ADDR, VICI = sys.argv[1:3]
+src = StrongSwanSource(VICI)
+src.wait_connected(10)
+lat = Latcher(src)
+history = []
+srv = socket.create_server((ADDR, 5000))
+print("listening", flush=True)
+conn, _ = srv.accept()
+h = lat.latch(conn, on_alert=lambda h, a: history.append([a.new.value,
+                                                         a.cause.value if a.cause else None]))
+while True:
+    lat.poll(0.05)                       # follows the latch: breaks block, resolves lift
+    if select.select([conn], [], [], 0)[0]:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+lat.release(h)
+print(json.dumps(history), flush=True)
+"""
+
+
 def test_latch_faults_break_and_nothing_leaks(lab):
     lab.add_host("alice")
     lab.add_host("bob")
     link = lab.ike("alice", "bob")
     bob = lab.host("bob").addr(4)
-    server = lab.spawn("bob", [lab.kernel.python, "-m", "ipsecchan.lab.echo", "serve", bob,
-                               "5000"])
-    lab.run("bob", ["sleep", "0.5"])
+    server = lab.spawn("bob", [lab.kernel.python, "-c", LATCHED_ECHO, bob,
+                               lab.vici_socket("bob")])
+    lab.run("bob", ["sleep", "1"])
     cap = lab.capture("alice")
     r = json.loads(lab.python("alice", FAULTS, bob, lab.vici_socket("alice"), link.conn,
                               link.child, check=True, timeout=150).text)
     packets = cap.stop()
-    server.stop()
-    # On alice's link, over the whole run (each fault, the breaks, the recoveries): not one
-    # packet of the connection in clear; it went as ESP whenever it went.
+    out = server.wait(30).stdout.splitlines()
+    # On the hosts' link, over the whole run (each fault, the breaks, the recoveries): not
+    # one packet of the connection in clear, either way; it went as ESP whenever it went.
     assert [p for p in packets if p.proto == 6 and 5000 in (p.sport, p.dport)] == []
+    # Bob's latch broke with the IKE_SA and came back with the new one (alice's other faults
+    # are alice's own: her SPD, her charon).
+    assert json.loads(out[-1]) == [["ESTABLISHED", None], ["BROKEN", "cleartext"],
+                                   ["ESTABLISHED", None], ["CLOSED", None]], out
     assert sum(p.proto == 50 for p in packets) >= 10
     assert r["start"] == ["ESTABLISHED", True]
     # [state, cause, seconds to notice, echo came back, IPv4 packets alice sent while broken]
