@@ -331,7 +331,11 @@ class socket(_std.socket):
         elif _raw_family(self) == _AF_UNIX:
             self.sendmsg = _UnixSendmsg(_weakref.ref(self))
         if fileno is not None and fileno.__class__ is not _OwnFd:
-            self._latch_given()
+            try:
+                self._latch_given()
+            except BaseException:
+                self.detach()       # refused, or no backend: the descriptor stays the caller's
+                raise
 
     # -- TCP Fast Open --
     def _catch_fast_open(self) -> None:
@@ -383,14 +387,7 @@ class socket(_std.socket):
         # (Loopback first: it needs no backend, and asking one would start it.)
         if _is_loopback(peer[0]) or _runtime.get().is_latched(self):
             return
-        try:
-            self._latch_connected()
-        except LatchRefused:
-            # Another process may hold this connection too: its close must not abort it
-            # (the block stays), and the caller's descriptor stays the caller's.
-            self._ipsec.generation = _ELSEWHERE
-            self.detach()
-            raise
+        self._latch_connected()         # (refused: blocked; the caller detaches)
         if self._ipsec.handle is not None:
             # The other holder's latch relies on the same pins: this close must not clear them.
             self._ipsec.generation = _ELSEWHERE
@@ -858,8 +855,8 @@ def fromfd(fd, family, type, proto=0):
     copy = _std.dup(fd)
     try:
         return socket(family, type, proto, copy)
-    except LatchRefused:
-        _os.close(copy)         # (the connection stays blocked: the block is the socket's)
+    except BaseException:
+        _os.close(copy)         # (refused: the connection stays blocked, the block is its)
         raise
 
 

@@ -1,6 +1,7 @@
 """Host-side parts of the drop-in socket module: the option encodings, channel-binding
 arithmetic, bad input, and pass-through of sockets that do not latch (loopback, Unix)."""
 import errno
+import gc
 import hashlib
 import os
 import socket as std
@@ -356,6 +357,28 @@ def test_descriptors_from_elsewhere_are_latched_and_the_modules_own_are_not(monk
         assert wrapped.family == socket.AF_INET and wrapped.getpeername() == srv.getsockname()
         for x in (c, wrapped, copied, *made):
             x.close()
+
+
+def test_a_descriptor_from_elsewhere_that_cannot_be_latched_stays_the_callers(monkeypatch):
+    # socket(fileno=fd) raising (no backend here; a refusal alike) must not close the
+    # caller's descriptor: the caller still owns it, and may close it itself.
+    from ipsecchan import runtime
+
+    def no_backend():
+        raise OSError(errno.EPERM, "no broker and no CAP_NET_ADMIN")
+    monkeypatch.setattr(runtime, "get", no_backend)
+    with std.create_server(("127.0.0.1", 0)) as srv, \
+            std.create_connection(srv.getsockname(), timeout=5) as c:
+        monkeypatch.setattr(socket, "_is_loopback", lambda addr: False)
+        fd = os.dup(c.fileno())
+        open_before = len(os.listdir("/proc/self/fd"))
+        for make in (lambda: socket.socket(fileno=fd),
+                     lambda: socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)):
+            with pytest.raises(OSError):
+                make()
+            gc.collect()                        # (a half-made socket object, collected)
+            assert os.fstat(fd) and len(os.listdir("/proc/self/fd")) == open_before
+        os.close(fd)
 
 
 def test_unix_sockets_pass_descriptors_and_data_unchanged(tmp_path):
